@@ -1,0 +1,42 @@
+# heddle: every target bootstraps .venv when missing. torch is installed first (pinned to the
+# CPU wheel 2.13.0 only when no torch is importable) so that pip never resolves an unpinned torch
+# to a multi-GB CUDA build; an existing torch is left alone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.heddle-installed
+NPROC  ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench docs install clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed: left alone"; \
+	else \
+	  echo "installing torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/heddle run -n $(NPROC) examples/train_lm.py --steps 300
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/heddle bench quick --nproc 2 --out heddle-results
+	$(VENV)/bin/heddle bench report heddle-results
+
+docs:
+	@echo "docs/ is plain Markdown: read docs/index.md (no build step)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

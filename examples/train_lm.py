@@ -1,0 +1,99 @@
+"""Train a small byte-level GPT on the Python standard library's sources.
+
+    heddle run -n 2 examples/train_lm.py --steps 300        # data parallel over 2 gloo processes
+    python examples/train_lm.py --steps 50                   # one process
+
+Read top to bottom: arguments, data, model, trainer, loop, summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import heddle
+from heddle.data import ByteCorpus, WindowSampler
+from heddle.dist import CommLedger
+from heddle.models import GPT, GPTConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=24, help="global batch (sequences per step; divisible by the data-parallel size)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--log-every", type=int, default=25)
+    # Feature flags: each feature adds its own below and its section in feature_sections().
+    return p.parse_args(argv)
+
+
+def feature_sections(args) -> dict:
+    """TrainerConfig sections switched on by the command line."""
+    return {}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    heddle.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    corpus = ByteCorpus.stdlib()
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                          n_kv_heads=args.kv_heads, max_seq_len=args.seq_len))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    config = heddle.TrainerConfig(grad_accum_steps=args.accum, max_grad_norm=args.clip,
+                                  total_steps=args.steps, log_every=args.log_every, **feature_sections(args))
+    trainer = heddle.Trainer(model, optimizer, config=config)
+    dp_rank, dp_size = getattr(trainer, "dp_rank", rank), getattr(trainer, "dp_size", world)
+    sampler = trainer.track("sampler", WindowSampler(corpus.train, args.seq_len, args.batch_size * args.accum,
+                                                     seed=args.seed, dp_rank=dp_rank, dp_size=dp_size))
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"heddle train_lm: {world} process(es), {params / 1e6:.2f}M parameters, "
+              f"global batch {args.batch_size}x{args.seq_len} bytes", flush=True)
+
+    losses, tokens_per_s, sent = [], [], 0.0
+    start = time.perf_counter()
+    with CommLedger() as ledger:
+        while trainer.step_count < args.steps:
+            x, y = sampler.next()
+            for micro_x, micro_y in zip(x.chunk(args.accum), y.chunk(args.accum)):
+                batch = trainer.prepare_batch({"tokens": micro_x, "targets": micro_y})
+                logits = trainer.model(batch["tokens"], position_ids=batch.get("position_ids"),
+                                       cu_seqlens=batch.get("cu_seqlens"))
+                targets = batch["targets"]
+                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                           ignore_index=-100, reduction="sum")
+                trainer.backward(loss_sum, num_tokens=(targets != -100).sum())
+            metrics = trainer.step()
+            losses.append(metrics["loss"])
+            tokens_per_s.append(metrics["tokens_per_s"])
+        sent = ledger.bytes_sent()
+    elapsed = time.perf_counter() - start
+    trainer.close()
+    if rank == 0:
+        k = max(1, min(10, len(losses) // 10))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        steady = sorted(tokens_per_s[len(tokens_per_s) // 10:] or tokens_per_s)
+        print(f"summary: steps {len(losses)}  loss first {first:.3f} -> last {last:.3f} (mean of {k})  "
+              f"tokens/s {steady[len(steady) // 2]:,.0f} (median, all ranks)  "
+              f"bytes sent by rank 0 {sent / 1e6:.1f} MB  time {elapsed:.1f}s", flush=True)
+    return losses
+
+
+if __name__ == "__main__":
+    main()

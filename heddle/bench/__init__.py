@@ -1,0 +1,1 @@
+"""Benchmark harness: scenarios, timing, telemetry, Parquet results, reports."""

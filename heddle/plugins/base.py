@@ -1,0 +1,62 @@
+"""The interface a feature implements to plug into :class:`heddle.Trainer`.
+
+A plugin lives in ``heddle/plugins/<section>.py`` and defines ``Config`` (a dataclass: the
+TrainerConfig section) and ``Plugin(TrainerPlugin)``. The Trainer calls the hooks in this order:
+
+    setup -> [DDP is built] -> configure_ddp
+    per micro-batch: prepare_batch (the user's forward and trainer.backward in between)
+    per step: reduce_gradients -> before_optimizer_step -> optimizer.step -> after_optimizer_step
+              -> metrics
+
+Every hook has a do-nothing default, so a plugin overrides only what it needs. Plugins never
+import each other; what they share goes through the Trainer's attributes (``trainer.module``,
+``trainer.optimizer``, ``trainer.group``, ``trainer.stateful``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from heddle.trainer import Trainer
+
+
+class TrainerPlugin:
+    name = "plugin"
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Before DDP: change the model in place, create groups, mark sharded parameters."""
+
+    def configure_ddp(self, trainer: "Trainer", ddp) -> bool:
+        """After DDP is built. Return True if this plugin registered DDP's comm hook."""
+        return False
+
+    def prepare_batch(self, trainer: "Trainer", batch: dict) -> dict:
+        """Turn the user's batch into what this rank feeds the model (e.g. its sequence shard)."""
+        return batch
+
+    def reduce_gradients(self, trainer: "Trainer") -> bool:
+        """Return True if this plugin summed the replicated gradients across ``trainer.group``
+        itself (training without DDP); the Trainer then does not."""
+        return False
+
+    def before_optimizer_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def metrics(self, trainer: "Trainer") -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
