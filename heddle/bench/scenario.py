@@ -29,6 +29,12 @@ class BenchContext:
     world_size: int
     group: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    verbose: bool = False  # progress lines on rank 0 (the harness turns it on)
+
+    def log(self, message: str) -> None:
+        """A progress line, printed by rank 0 only when ``verbose``."""
+        if self.verbose and self.rank == 0:
+            print(f"[bench] {message}", flush=True)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -69,6 +75,9 @@ class Scenario:
     help = ""
     min_procs = 1          # the harness refuses fewer processes
     single_process = False  # simulations: run on one process whatever --nproc says
+    # Extra command-line arguments `heddle bench quick` passes (small sizes, few trials) so the
+    # quick set stays within its time budget; [] runs the scenario's defaults.
+    quick_args: list[str] = []
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         """Scenario-specific command-line options."""
@@ -101,4 +110,5 @@ class Scenario:
             row.update(self.metrics(ctx, options, case, times))
             self.teardown(ctx, options, case)
             rows.append(row)
+            ctx.log(f"{self.name} {case or ''}: median {row['median_s'] * 1e3:.3f} ms over {row['trials']} trials")
         return rows
