@@ -102,11 +102,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, **kwargs
             p.join(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     if errors:
-        first = min(errors)
+        first = next(iter(errors))  # the first failure to arrive: usually the cause, not a victim
         others = sorted(set(range(world_size)) - set(out) - set(errors))
         raise DistributedTestError(f"rank {first} of {world_size} failed"
                                    + (f" (ranks {others} gave no result)" if others else "")
-                                   + f":\n{errors[first]}")
+                                   + f":\n{errors[first]}"
+                                   + "".join(f"\n--- rank {r} also failed:\n{errors[r][-1500:]}"
+                                             for r in errors if r != first))
     if len(out) < world_size:
         missing = sorted(set(range(world_size)) - set(out))
         raise DistributedTestError(f"timeout after {timeout:.0f}s: ranks {missing} of {world_size} gave no result")
