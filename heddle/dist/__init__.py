@@ -18,6 +18,7 @@ from heddle.dist.collectives import (
 from heddle.dist.groups import ParallelLayout, SubgroupCache, aligned_ranges
 from heddle.dist.ledger import CommLedger, CommRecord, comm_tag
 from heddle.dist.sharding import is_sharded, mark_sharded
+from heddle.dist.sparse import SparseWork, sparse_all_gather, sparse_reduce_scatter
 
 __all__ = [
     "LaunchEnv", "detect_launch_env", "device", "init_distributed", "local_rank",
@@ -26,4 +27,5 @@ __all__ = [
     "ParallelLayout", "SubgroupCache", "aligned_ranges",
     "CommLedger", "CommRecord", "comm_tag",
     "is_sharded", "mark_sharded",
+    "SparseWork", "sparse_all_gather", "sparse_reduce_scatter",
 ]
