@@ -1,0 +1,234 @@
+"""``heddle bench report DIR``: tables (rich), PNG plots (matplotlib) and a Markdown summary.
+
+    heddle bench report heddle-results                       latest run of every scenario
+    heddle bench report heddle-results --all                 every run
+    heddle bench report heddle-results --markdown docs/benchmarks.md
+
+Writes ``DIR/report/summary.md`` and ``DIR/report/*.png``: bus bandwidth vs size (one line per
+collective) and tokens/s per device vs config (every row with a ``tokens_per_s_per_device``
+column). ``--markdown PATH`` also writes the summary to PATH with its plots copied to
+``PATH's folder/img/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from heddle.bench import results
+
+# Columns that describe the run rather than the case: left out of per-scenario tables.
+RUN_COLUMNS = {"run_id", "timestamp", "scenario", "tag", "command", "config_json", "run_wall_s", "world_size",
+               "nnodes", "hosts", "devices", "backend", "launcher", "heddle_version", "torch_version",
+               "cuda_version", "python_version", "pyarrow_version", "deepspeed_version", "platform",
+               "git_commit", "mean_s", "trials"}
+COLLECTIVE_COLUMNS = [("op", "op"), ("size_bytes", "size (B)"), ("count", "count"), ("dtype", "type"),
+                      ("redop", "redop"), ("root", "root"), ("time_us", "time (us)"),
+                      ("time_p95_us", "p95 (us)"), ("algbw_gbps", "algbw (GB/s)"), ("busbw_gbps", "busbw (GB/s)"),
+                      ("wrong", "#wrong")]
+TRAINING_COLUMNS = [("config", "config"), ("world_size", "procs"), ("tokens_per_s_per_device", "tokens/s/dev"),
+                    ("step_time_s", "step (s)"), ("compute_s", "compute (s)"), ("comm_s", "comm (s)"),
+                    ("comm_mb_per_step", "comm MB/step"), ("checkpoint_stall_s", "ckpt stall (s)"),
+                    ("peak_memory_mb", "peak mem (MB)"), ("mfu", "MFU"), ("final_loss", "loss")]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5 or abs(value) < 1e-3:
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _columns_for(scenario: str, rows: list[dict]) -> list[tuple[str, str]]:
+    present = {k for r in rows for k, v in r.items() if v is not None}
+    if scenario == "collectives":
+        return [(k, h) for k, h in COLLECTIVE_COLUMNS if k in present]
+    if scenario == "training":
+        return [(k, h) for k, h in TRAINING_COLUMNS if k in present]
+    cols = []
+    for r in rows:
+        for k in r:
+            if k in present and k not in RUN_COLUMNS and not k.startswith("tele_") and k not in dict(cols):
+                cols.append((k, k))
+    return cols
+
+
+def print_rows(title: str, rows: list[dict], columns: list[tuple[str, str]] | None = None) -> None:
+    """A rich table of ``rows`` (the runner prints every run's rows with it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    columns = columns or _columns_for(title, rows)
+    table = Table(title=title, show_lines=False)
+    for _, header in columns:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*(fmt(row.get(k)) for k, _ in columns))
+    Console(width=max(120, shutil.get_terminal_size((160, 20)).columns)).print(table)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k)).replace("|", "\\|") for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def latest_runs(rows: list[dict]) -> list[dict]:
+    """Rows of the newest run of every scenario."""
+    newest: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        key = (r.get("timestamp") or "", r.get("run_id") or "")
+        if r["scenario"] not in newest or key > newest[r["scenario"]]:
+            newest[r["scenario"]] = key
+    return [r for r in rows if (r.get("timestamp") or "", r.get("run_id") or "") == newest[r["scenario"]]]
+
+
+def plot_bandwidth(rows: list[dict], path: Path) -> Path | None:
+    """busbw vs size, one line per (op, world size); log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coll = [r for r in rows if r["scenario"] == "collectives" and results.is_number(r.get("busbw_gbps"))]
+    if not coll:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in sorted({(r["op"], r.get("world_size")) for r in coll}, key=str):
+        pts = sorted((r["size_bytes"], r["busbw_gbps"]) for r in coll if (r["op"], r.get("world_size")) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} (n={key[1]})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title("collectives: bus bandwidth vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _config_label(r: dict) -> str:
+    label = r.get("config") or r.get("case") or r.get("variant") or ""
+    return f"{r['scenario']}: {label} (n={r.get('world_size')})"
+
+
+def plot_tokens(rows: list[dict], path: Path) -> Path | None:
+    """Horizontal bars: tokens/s per device for every row that has it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(_config_label(r), r["tokens_per_s_per_device"]) for r in rows
+           if results.is_number(r.get("tokens_per_s_per_device"))]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(pts)))
+    ax.barh([p[0] for p in pts], [p[1] for p in pts], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s per device")
+    ax.set_title("training: tokens/s per device vs config")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(rows: list[dict], plots: list[Path], image_prefix: str) -> str:
+    out = ["# heddle benchmark results", ""]
+    runs = sorted({(r["scenario"], r["run_id"]) for r in rows})
+    first = rows[0]
+    out.append(f"Generated by `heddle bench report` from {len(runs)} run(s). Environment of the first "
+               f"row: {first.get('world_size')} process(es) on {first.get('nnodes')} node(s) "
+               f"({first.get('hosts')}), devices `{first.get('devices')}`, backend {first.get('backend')}, "
+               f"torch {first.get('torch_version')}, heddle {first.get('heddle_version')}, "
+               f"git `{first.get('git_commit')}`.")
+    out.append("")
+    for plot in plots:
+        out += [f"![{plot.stem}]({image_prefix}{plot.name})", ""]
+    for scenario in sorted({r["scenario"] for r in rows}):
+        sub = [r for r in rows if r["scenario"] == scenario]
+        commands = sorted({r.get("command") or "" for r in sub})
+        out += [f"## {scenario}", ""]
+        out += [f"Command: `{c}`  " for c in commands]
+        tele = sub[0]
+        load = []
+        for key, label in (("tele_cpu_pct_mean", "CPU % (mean over ranks)"), ("tele_rss_mb_max", "RSS max (MB)"),
+                           ("tele_gpu_util_pct_mean", "GPU util %"), ("tele_gpu_power_w_mean", "power (W)")):
+            if results.is_number(tele.get(key)):
+                load.append(f"{label} {fmt(tele[key])}")
+        if load:
+            out += ["", "Telemetry: " + ", ".join(load) + (f" ({tele['tele_note']})" if tele.get("tele_note") else "")]
+        out += ["", markdown_table(sub, _columns_for(scenario, sub)), ""]
+    return "\n".join(out) + "\n"
+
+
+def build_report(out_dir: str | os.PathLike, *, all_runs: bool = False, markdown: str | None = None,
+                 plots: bool = True, show: bool = True) -> Path:
+    """Tables, plots and summary for ``out_dir``; returns the summary's path."""
+    rows = results.read_rows(out_dir)
+    if not rows:
+        raise ValueError(f"no results under {str(out_dir)!r} (run `heddle bench NAME --out {out_dir}` first)")
+    if not all_runs:
+        rows = latest_runs(rows)
+    report_dir = Path(out_dir) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if plots:
+        for fn, name in ((plot_bandwidth, "bandwidth_vs_size.png"), (plot_tokens, "tokens_per_s.png")):
+            path = fn(rows, report_dir / name)
+            if path is not None:
+                written.append(path)
+    if show:
+        for scenario in sorted({r["scenario"] for r in rows}):
+            print_rows(scenario, [r for r in rows if r["scenario"] == scenario])
+    summary = report_dir / "summary.md"
+    summary.write_text(summary_markdown(rows, written, ""))
+    if markdown:
+        target = Path(markdown)
+        img = target.parent / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        for p in written:
+            shutil.copyfile(p, img / p.name)
+        target.write_text(summary_markdown(rows, written, "img/"))
+    if show:
+        print(f"report: {summary}" + "".join(f"\n        {p}" for p in written)
+              + (f"\n        {markdown}" if markdown else ""))
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="heddle bench report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="results directory (heddle bench --out)")
+    p.add_argument("--all", action="store_true", help="every run, not only the newest of each scenario")
+    p.add_argument("--markdown", default=None, help="also write the Markdown summary here (docs/benchmarks.md)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        build_report(args.dir, all_runs=args.all, markdown=args.markdown, plots=not args.no_plots)
+    except ValueError as e:
+        print(f"heddle bench report: {e}")
+        return 2
+    return 0
