@@ -1,0 +1,190 @@
+"""Lazy snapshots into reused host buffers (DataStates-LLM, section 4).
+
+``SnapshotEngine.start(step, flat)`` takes a free slot (a pre-allocated uint8 host buffer, pinned
+on CUDA, or a file in /dev/shm owned by the keeper) and returns at once; a background thread copies
+the referenced tensors into the slot (async copies on a side stream on CUDA) and computes each
+tensor's CRC-32 while the next forward/backward runs. The only blocking points are
+
+- :meth:`wait` (called by the optimizer pre-step hook): the next step would change the tensors,
+- :meth:`acquire` when every slot is still held (by the writer or as the newest memory snapshot):
+  back-pressure, so host memory is ``num_slots x state size`` for ever, never more.
+
+Mutation after ``save()`` and before the copy is detected through the tensors' version counters:
+the snapshot is then marked torn and never committed (loud, not silent).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from heddle.checkpoint.state import FlatState
+from heddle.checkpoint.storage import ALIGN, RankIndex, TensorEntry
+
+
+class TornSnapshot(RuntimeError):
+    """A tensor changed in place between ``save()`` and the background copy."""
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class HostSlot:
+    """One reusable host buffer: in process memory, or a shared-memory file (``path``)."""
+
+    def __init__(self, nbytes: int, *, path: str | None = None, pin: bool = False):
+        self.path, self.nbytes = path, max(int(nbytes), ALIGN)
+        if path is not None:
+            with open(path, "wb") as f:
+                f.truncate(self.nbytes)
+            self.buffer = torch.from_file(path, shared=True, size=self.nbytes, dtype=torch.uint8)
+        else:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.buffer.zero_()  # fault the pages in now, not during the first snapshot
+        self.holds: set[str] = set()
+        self.step: int | None = None
+
+    def release(self) -> None:
+        self.buffer = None
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class Snapshot:
+    step: int
+    slot: HostSlot
+    index: RankIndex
+    copied: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class SnapshotEngine:
+    def __init__(self, *, num_slots: int, rank: int, world_size: int, slot_path=None, pin: bool = False):
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be >= 1")
+        self.num_slots, self.rank, self.world_size = num_slots, rank, world_size
+        self.slot_path, self.pin = slot_path, pin   # slot_path(i) -> file path, or None
+        self.slots: list[HostSlot | None] = [None] * num_slots
+        self.cond = threading.Condition()
+        self.current: Snapshot | None = None
+        self.on_copied = None                        # callback(snapshot), on the copy thread
+        self.stalls = {"acquire_s": 0.0}
+        self._stream = None
+
+    # -- slots ----------------------------------------------------------------------------
+    def _free_index(self, nbytes: int) -> int | None:
+        best = None
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                best = i if best is None else best
+            elif not slot.holds:
+                if slot.nbytes >= nbytes:
+                    return i
+                best = i
+        return best
+
+    def acquire(self, nbytes: int) -> HostSlot:
+        """A slot of at least ``nbytes``; waits (back-pressure) while all are held."""
+        with self.cond:
+            self.cond.wait_for(lambda: self._free_index(nbytes) is not None)
+            i = self._free_index(nbytes)
+            slot = self.slots[i]
+            if slot is None or slot.nbytes < nbytes:
+                if slot is not None:
+                    slot.release()
+                path = self.slot_path(i) if self.slot_path else None
+                slot = self.slots[i] = HostSlot(nbytes, path=path, pin=self.pin)
+            slot.holds.add("copy")
+            return slot
+
+    def release(self, slot: HostSlot, reason: str) -> None:
+        with self.cond:
+            slot.holds.discard(reason)
+            self.cond.notify_all()
+
+    # -- snapshot -------------------------------------------------------------------------
+    def start(self, step: int, flat: FlatState, holds: set[str]) -> Snapshot:
+        """Begin the background copy of ``flat`` for ``step``; ``holds`` are the reasons the
+        slot stays reserved after the copy ("flush", "memory")."""
+        self.wait()
+        entries, offset = [], 0
+        for t, path, per_rank in zip(flat.tensors, flat.paths, flat.tensor_per_rank):
+            n = t.numel() * t.element_size()
+            entries.append(TensorEntry(path, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, n,
+                                       per_rank=per_rank))
+            offset = _aligned(offset + n)
+        index = RankIndex(step, self.rank, self.world_size, flat.skeleton, entries, flat.per_rank_paths, offset)
+        slot = self.acquire(offset)
+        slot.step = step
+        snap = Snapshot(step, slot, index)
+        versions = [t._version for t in flat.tensors]
+        self.current = snap
+        threading.Thread(target=self._copy, args=(snap, flat.tensors, versions, holds),
+                         name=f"heddle-snapshot-{step}", daemon=True).start()
+        return snap
+
+    def _copy(self, snap: Snapshot, tensors, versions, holds) -> None:
+        try:
+            buf, arr = snap.slot.buffer, snap.slot.buffer.numpy()
+            cuda = any(t.is_cuda for t in tensors)
+            if cuda and self._stream is None:
+                self._stream = torch.cuda.Stream()
+            ctx = torch.cuda.stream(self._stream) if cuda else _nullcontext()
+            with ctx:
+                for t, e in zip(tensors, snap.index.entries):
+                    dst = buf[e.offset:e.offset + e.nbytes].view(t.dtype).view(t.shape)
+                    dst.copy_(t, non_blocking=t.is_cuda)
+            if cuda:
+                self._stream.synchronize()
+            for e in snap.index.entries:
+                e.crc = zlib.crc32(arr[e.offset:e.offset + e.nbytes])
+            changed = [e.path for t, v, e in zip(tensors, versions, snap.index.entries) if t._version != v]
+            if changed:
+                raise TornSnapshot(f"checkpoint step {snap.step}: {changed[:5]} changed in place after save() "
+                                   f"and before the snapshot copied them; call wait_for_snapshot() (or "
+                                   f"step the optimizer, which waits) before mutating state")
+            with self.cond:
+                snap.slot.holds |= holds
+            if self.on_copied is not None:
+                self.on_copied(snap)
+        except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+            snap.error = e
+        finally:
+            self.release(snap.slot, "copy")
+            snap.copied.set()
+
+    def wait(self) -> None:
+        """Block until the in-flight copy is done (the lazy wait); re-raise its error."""
+        snap = self.current
+        if snap is None:
+            return
+        snap.copied.wait()
+        self.current = None
+        if snap.error is not None:
+            raise snap.error
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            for slot in self.slots:
+                if slot is not None:
+                    slot.release()
+            self.slots = [None] * self.num_slots
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
