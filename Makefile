@@ -26,7 +26,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/heddle run -n $(NPROC) examples/train_lm.py --steps 300
+	OMP_NUM_THREADS=1 $(VENV)/bin/heddle run -n $(NPROC) examples/train_lm.py --steps 600 --log-every 50
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

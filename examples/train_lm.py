@@ -1,6 +1,6 @@
 """Train a small byte-level GPT on the Python standard library's sources.
 
-    heddle run -n 2 examples/train_lm.py --steps 300        # data parallel over 2 gloo processes
+    heddle run -n 2 examples/train_lm.py --steps 600        # data parallel over 2 gloo processes
     python examples/train_lm.py --steps 50                   # one process
 
 Read top to bottom: arguments, data, model, trainer, loop, summary.
