@@ -14,7 +14,6 @@ install: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
