@@ -36,12 +36,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--log-every", type=int, default=25)
     # Feature flags: each feature adds its own below and its section in feature_sections().
+    p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (heddle.checkpoint); off when unset")
+    p.add_argument("--ckpt-every", type=int, default=1, help="checkpoint every N optimizer steps")
+    p.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep on disk")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --ckpt-dir")
     return p.parse_args(argv)
 
 
 def feature_sections(args) -> dict:
     """TrainerConfig sections switched on by the command line."""
-    return {}
+    sections = {}
+    if args.ckpt_dir:
+        sections["checkpoint"] = {"directory": args.ckpt_dir, "every": args.ckpt_every, "keep": args.keep}
+    elif args.resume:
+        raise ValueError("--resume needs --ckpt-dir")
+    return sections
 
 
 def main(argv=None):
@@ -61,6 +70,11 @@ def main(argv=None):
     dp_rank, dp_size = getattr(trainer, "dp_rank", rank), getattr(trainer, "dp_size", world)
     sampler = trainer.track("sampler", WindowSampler(corpus.train, args.seq_len, args.batch_size * args.accum,
                                                      seed=args.seed, dp_rank=dp_rank, dp_size=dp_size))
+    if args.resume:
+        resumed = trainer.resume_from_checkpoint()
+        if rank == 0:
+            print(f"resumed from step {resumed}" if resumed is not None else "no valid checkpoint: starting fresh",
+                  flush=True)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"heddle train_lm: {world} process(es), {params / 1e6:.2f}M parameters, "
