@@ -1,0 +1,125 @@
+"""A plan: per micro-batch, which aligned rank range runs which sequences, and why.
+
+``Plan.groups`` is the flat list ``[(ranks, [sequence indices]), ...]`` over all micro-batches;
+``Plan.micro_batches[i].groups`` the same for micro-batch i (run one after the other). A plan is
+plain data: ``to_dict``/``from_dict`` round-trip through JSON (rank 0 broadcasts it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from heddle.sequence.adaptive.cost_model import CostModel
+
+
+def layout_groups(degrees: list[int]) -> list[tuple[int, ...]]:
+    """Aligned rank ranges for a multiset of power-of-two degrees: largest first, back to back
+    (each start is then a multiple of its size). Returns ranks in the input order."""
+    order = sorted(range(len(degrees)), key=lambda i: -degrees[i])
+    ranks: list[tuple[int, ...]] = [()] * len(degrees)
+    start = 0
+    for i in order:
+        d = degrees[i]
+        assert start % d == 0
+        ranks[i] = tuple(range(start, start + d))
+        start += d
+    return ranks
+
+
+@dataclass
+class MicroBatch:
+    groups: list[tuple[tuple[int, ...], list[int]]]
+    predicted_time: float
+
+    def group_of(self, rank: int) -> tuple[tuple[int, ...], list[int]] | None:
+        for ranks, idx in self.groups:
+            if rank in ranks:
+                return ranks, idx
+        return None
+
+
+@dataclass
+class Plan:
+    num_devices: int
+    lengths: list[int]
+    micro_batches: list[MicroBatch]
+    predicted_time: float
+    solver: str                 # "milp" | "greedy" | "homogeneous"
+    status: str                 # solver status: "optimal", "time_limit", "greedy", ...
+    solve_time: float
+    gap: float = float("nan")   # MILP relative gap of the last solve (nan for greedy)
+    baseline_time: float = float("nan")  # best homogeneous plan, same micro-batching model
+    baseline_degree: int = 0
+    cost_model: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        return [g for mb in self.micro_batches for g in mb.groups]
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["micro_batches"] = [{"groups": [[list(r), list(i)] for r, i in mb.groups],
+                               "predicted_time": mb.predicted_time} for mb in self.micro_batches]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["micro_batches"] = [MicroBatch([(tuple(r), list(i)) for r, i in mb["groups"]], mb["predicted_time"])
+                              for mb in d["micro_batches"]]
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def validate(self, cm: CostModel, *, capacity: int | None = None) -> None:
+        """Raise AssertionError unless: every sequence exactly once, groups aligned powers of two,
+        no rank in two groups of a micro-batch, memory within capacity (hence min degree)."""
+        cap = cm.token_capacity if capacity is None else capacity
+        seen = []
+        for i, mb in enumerate(self.micro_batches):
+            used = set()
+            for ranks, idx in mb.groups:
+                d = len(ranks)
+                assert d >= 1 and d & (d - 1) == 0, f"micro-batch {i}: group size {d} not a power of two"
+                assert ranks == tuple(range(ranks[0], ranks[0] + d)) and ranks[0] % d == 0, \
+                    f"micro-batch {i}: ranks {ranks} are not an aligned range"
+                assert ranks[-1] < self.num_devices, f"micro-batch {i}: rank {ranks[-1]} >= {self.num_devices}"
+                assert not used & set(ranks), f"micro-batch {i}: ranks {sorted(used & set(ranks))} in two groups"
+                used |= set(ranks)
+                tokens = sum(self.lengths[k] for k in idx)
+                assert tokens <= d * cap, f"micro-batch {i}: {tokens} tokens on {d} devices > capacity {cap}/device"
+                seen.extend(idx)
+        assert sorted(seen) == list(range(len(self.lengths))), "sequences not assigned exactly once"
+
+    def table(self, max_rows: int = 40) -> str:
+        """A readable account of the plan: one line per group, then the totals and the baseline."""
+        lines = [f"plan for {len(self.lengths)} sequences ({sum(self.lengths):,} tokens) on "
+                 f"{self.num_devices} devices, cost model {self.cost_model!r}",
+                 f"{'mb':>3} {'ranks':>11} {'deg':>4} {'seqs':>5} {'tokens':>10} {'longest':>8} "
+                 f"{'time s':>9}"]
+        rows = 0
+        for i, mb in enumerate(self.micro_batches):
+            for ranks, idx in sorted(mb.groups, key=lambda g: g[0][0]):
+                if rows == max_rows:
+                    lines.append(f"... ({len(self.groups) - rows} more groups)")
+                    break
+                toks = [self.lengths[k] for k in idx]
+                t = self.extra.get("group_times", {}).get(f"{i}:{ranks[0]}", float("nan"))
+                lines.append(f"{i:>3} {f'{ranks[0]}-{ranks[-1]}':>11} {len(ranks):>4} {len(idx):>5} "
+                             f"{sum(toks):>10,} {max(toks):>8,} {t:>9.3f}")
+                rows += 1
+            lines.append(f"{i:>3} {'micro-batch':>11} {'':>4} {'':>5} {'':>10} {'':>8} {mb.predicted_time:>9.3f}")
+        lines.append(f"predicted step time {self.predicted_time:.3f} s over {len(self.micro_batches)} "
+                     f"micro-batch(es); solver {self.solver} ({self.status}), {self.solve_time * 1e3:.0f} ms"
+                     + (f", gap {self.gap:.2%}" if self.gap == self.gap else ""))
+        if self.baseline_degree:
+            lines.append(f"best homogeneous plan: degree {self.baseline_degree}, {self.baseline_time:.3f} s "
+                         f"-> adaptive speedup {self.baseline_time / self.predicted_time:.2f}x")
+        return "\n".join(lines)
