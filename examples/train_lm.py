@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--log-every", type=int, default=25)
     # Feature flags: each feature adds its own below and its section in feature_sections().
+    p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel ranks per data-parallel replica (heddle.sequence)")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (heddle.checkpoint); off when unset")
     p.add_argument("--ckpt-every", type=int, default=1, help="checkpoint every N optimizer steps")
     p.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep on disk")
@@ -46,6 +47,8 @@ def parse_args(argv=None):
 def feature_sections(args) -> dict:
     """TrainerConfig sections switched on by the command line."""
     sections = {}
+    if args.sp > 1:
+        sections["sequence_parallel"] = {"sp_size": args.sp}
     if args.ckpt_dir:
         sections["checkpoint"] = {"directory": args.ckpt_dir, "every": args.ckpt_every, "keep": args.keep}
     elif args.resume:
