@@ -3,10 +3,10 @@
 An assignment is a list of ``(degree, [sequence indices])``: one entry per group. Two heuristics,
 the better one wins:
 
-- *Target-time packing* (bisection on the makespan C): each sequence, longest first, goes to the
-  smallest degree that runs it within C (small groups waste the least on all-to-all), and the
-  sequences of each degree are packed first-fit-decreasing into groups whose time stays within C
-  and memory within capacity. C is feasible when the groups use at most N devices.
+- *Target-time packing* (bisection on the makespan C): sequences, longest first, go first-fit
+  into an open group (smallest degree first) whose time stays within C and memory within
+  capacity; otherwise they open a group of the smallest degree that runs them within C (small
+  groups waste the least on all-to-all). C is feasible when the groups use at most N devices.
 - *Homogeneous LPT*: for every allowed degree d, N/d groups, longest-processing-time-first.
 """
 
@@ -54,29 +54,27 @@ def _pack_at(target: float, order, lengths, num_devices: int, cm: CostModel, deg
     used = 0
     for k in order:
         s = lengths[k]
+        fitting = [d for d in degrees if s <= d * capacity and work[k][d] + cm.overhead(d) <= target]
+        if not fitting:
+            return None
         placed = False
-        for d in degrees:
-            if s > d * capacity:
-                continue
+        for d in fitting:  # first fit into an open group, smallest degree first
             w = work[k][d]
-            if w + cm.overhead(d) > target:
-                continue
-            for b in bins[d]:  # first fit
+            for b in bins[d]:
                 if b[0] + w <= target and b[1] + s <= d * capacity:
                     b[0] += w
                     b[1] += s
                     b[2].append(k)
                     placed = True
                     break
-            if not placed:
-                used += d
-                if used > num_devices:
-                    return None
-                bins[d].append([cm.overhead(d) + w, s, [k]])
-                placed = True
-            break
-        if not placed:
-            return None
+            if placed:
+                break
+        if not placed:  # open a group of the smallest degree that runs it within the target
+            d = fitting[0]
+            used += d
+            if used > num_devices:
+                return None
+            bins[d].append([cm.overhead(d) + work[k][d], s, [k]])
     return [(d, b[2]) for d in degrees for b in bins[d]]
 
 

@@ -104,18 +104,19 @@ class Plan:
                  f"{self.num_devices} devices, cost model {self.cost_model!r}",
                  f"{'mb':>3} {'ranks':>11} {'deg':>4} {'seqs':>5} {'tokens':>10} {'longest':>8} "
                  f"{'time s':>9}"]
-        rows = 0
+        rows, total = 0, len(self.groups)
         for i, mb in enumerate(self.micro_batches):
             for ranks, idx in sorted(mb.groups, key=lambda g: g[0][0]):
-                if rows == max_rows:
-                    lines.append(f"... ({len(self.groups) - rows} more groups)")
-                    break
+                rows += 1
+                if rows > max_rows:
+                    continue
                 toks = [self.lengths[k] for k in idx]
                 t = self.extra.get("group_times", {}).get(f"{i}:{ranks[0]}", float("nan"))
                 lines.append(f"{i:>3} {f'{ranks[0]}-{ranks[-1]}':>11} {len(ranks):>4} {len(idx):>5} "
                              f"{sum(toks):>10,} {max(toks):>8,} {t:>9.3f}")
-                rows += 1
             lines.append(f"{i:>3} {'micro-batch':>11} {'':>4} {'':>5} {'':>10} {'':>8} {mb.predicted_time:>9.3f}")
+        if total > max_rows:
+            lines.append(f"({total - max_rows} of {total} group rows not shown)")
         lines.append(f"predicted step time {self.predicted_time:.3f} s over {len(self.micro_batches)} "
                      f"micro-batch(es); solver {self.solver} ({self.status}), {self.solve_time * 1e3:.0f} ms"
                      + (f", gap {self.gap:.2%}" if self.gap == self.gap else ""))

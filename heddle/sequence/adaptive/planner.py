@@ -68,10 +68,13 @@ def _search(lengths, num_devices, cm, degrees, capacity, micro_batches, extra):
     """[(total greedy time, [assignment per micro-batch])] for the candidate micro-batch counts."""
     total_tokens = sum(lengths)
     budget = num_devices * capacity
+    if max(min_degree_for(s, capacity) for s in lengths) > max(degrees):
+        return []  # some sequence needs a bigger group than the allowed degrees give
     if micro_batches == "auto":
         first = max(1, math.ceil(total_tokens / budget))
         candidates, m = [], first
-        while len(candidates) <= extra and m <= len(lengths):
+        # fragmentation can make M_min infeasible; look a bounded way further
+        while len(candidates) <= extra and m <= min(len(lengths), first + 4 * (extra + 4)):
             found = _try(lengths, m, num_devices, cm, degrees, capacity, budget)
             if found is not None:
                 candidates.append(found)
@@ -95,14 +98,15 @@ def _try(lengths, m, num_devices, cm, degrees, capacity, budget):
 
 
 def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_per_device: int | None = None,
-               time_limit: float = 1.0, micro_batches="auto", num_buckets: int = 16, solver: str = "milp",
+               time_limit: float = 0.8, micro_batches="auto", num_buckets: int = 16, solver: str = "milp",
                degrees=None, extra_micro_batches: int = 3, mip_rel_gap: float = 1e-3) -> Plan:
     """Plan one global batch of sequences (``lengths[k]`` tokens) on ``num_devices`` devices.
 
     ``max_tokens_per_device``: activation tokens per device (default: the cost model's memory
     capacity; the smaller of the two is used). ``micro_batches``: "auto" or a fixed count.
     ``solver``: "milp" (HiGHS, greedy warm start) or "greedy". ``degrees``: restrict the group
-    sizes (e.g. ``(4,)`` for a homogeneous plan).
+    sizes (e.g. ``(4,)`` for a homogeneous plan). ``time_limit``: seconds for the whole call; the
+    MILP gets what the greedy search leaves (the greedy plan is always there to fall back on).
     """
     start = time.perf_counter()
     lengths = _check_lengths(lengths)
@@ -132,24 +136,6 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
         raise ValueError(f"no valid plan for {len(lengths)} sequences in micro_batches={micro_batches!r} on "
                          f"{num_devices} devices with capacity {capacity} tokens/device")
     best_total, best = min(candidates, key=lambda c: c[0])
-    solver_used, status, gap = "greedy", "greedy", float("nan")
-    if solver == "milp":
-        improved = []
-        for i, assignment in enumerate(best):
-            remaining = time_limit - (time.perf_counter() - start)
-            idx = [k for _, members in assignment for k in members]
-            buckets = bucket_lengths([lengths[k] for k in idx], num_buckets)
-            buckets.members = [[idx[j] for j in m] for m in buckets.members]
-            result = solve_microbatch(buckets, num_devices, cost_model, pool, capacity, warm_start=assignment,
-                                      time_limit=max(remaining / (len(best) - i), 1e-3), mip_rel_gap=mip_rel_gap)
-            status, gap = result.status, result.gap
-            if result.assignment is not None and (assignment_time(result.assignment, lengths, cost_model)
-                                                  < assignment_time(assignment, lengths, cost_model)):
-                assignment = result.assignment
-            improved.append(assignment)
-        best = improved
-        best_total = sum(assignment_time(a, lengths, cost_model) for a in best)
-        solver_used = "milp"
     base_time, base_degree, base = float("nan"), 0, None
     for d in pool:
         found = _search(lengths, num_devices, cost_model, [d], capacity, micro_batches, extra_micro_batches)
@@ -157,6 +143,34 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
             t, a = min(found, key=lambda c: c[0])
             if base is None or t < base_time:
                 base_time, base_degree, base = t, d, a
+    solver_used, status, gap = "greedy", "greedy", float("nan")
+    statuses = []
+    if solver == "milp":
+        improved = []
+        for i, assignment in enumerate(best):
+            remaining = time_limit - (time.perf_counter() - start)
+            if remaining < 5e-3:  # budget spent: keep the greedy plan for the rest
+                statuses.append("skipped")
+                improved.append(assignment)
+                continue
+            idx = [k for _, members in assignment for k in members]
+            buckets = bucket_lengths([lengths[k] for k in idx], num_buckets)
+            buckets.members = [[idx[j] for j in m] for m in buckets.members]
+            # warm start: greedy on the bucket representatives (valid for the program as well)
+            rounded = {k: rep for rep, m in zip(buckets.lengths, buckets.members) for k in m}
+            warm = greedy_assignment(idx, rounded, num_devices, cost_model, pool, capacity)
+            result = solve_microbatch(buckets, num_devices, cost_model, pool, capacity, warm_start=warm,
+                                      time_limit=max(remaining / (len(best) - i), 1e-3), mip_rel_gap=mip_rel_gap)
+            status, gap = result.status, result.gap
+            statuses.append(result.status)
+            for candidate in (warm, result.assignment):
+                if candidate is not None and (assignment_time(candidate, lengths, cost_model)
+                                              < assignment_time(assignment, lengths, cost_model)):
+                    assignment = candidate
+            improved.append(assignment)
+        best = improved
+        best_total = sum(assignment_time(a, lengths, cost_model) for a in best)
+        solver_used = "milp"
     if base is not None and base_time < best_total:
         best, best_total, solver_used = base, base_time, "homogeneous"
     mbs, group_times = [], {}
@@ -169,4 +183,4 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
     return Plan(num_devices=num_devices, lengths=lengths, micro_batches=mbs, predicted_time=best_total,
                 solver=solver_used, status=status, solve_time=time.perf_counter() - start, gap=gap,
                 baseline_time=base_time, baseline_degree=base_degree, cost_model=cost_model.name,
-                extra={"group_times": group_times, "capacity": capacity})
+                extra={"group_times": group_times, "capacity": capacity, "milp_status": statuses})
