@@ -126,8 +126,8 @@ def _config(options) -> str:
 def worker(scenario: Scenario, options, argv: list[str]) -> int:
     """Body of every rank: run the scenario, gather, write (rank 0)."""
     torch.set_num_threads(options.threads)
-    # torch 2.13 deprecates the name heddle.dist wraps; one warning per rank per size is noise here.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated", category=FutureWarning)
+    # torch 2.13 renamed collectives heddle.dist wraps; one warning per rank per size is noise here.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     backend = None if options.backend == "auto" else options.backend
     hd.init_distributed(backend)
     rank, world = dist.get_rank(), dist.get_world_size()

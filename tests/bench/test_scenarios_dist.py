@@ -1,0 +1,147 @@
+"""Multi-process runs: the collectives sweep at tiny sizes verifies every result (and its check
+catches a broken collective), the training scenario's ledger bytes and breakdown, the CLI paths."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from heddle.bench import registry, results
+from heddle.bench.bandwidth import bus_factor
+from heddle.bench.runner import add_common_options
+from tests.conftest import run_distributed
+
+
+def _options(scenario, argv):
+    parser = argparse.ArgumentParser()
+    add_common_options(parser)
+    scenario.add_options(parser)
+    return parser.parse_args(argv)
+
+
+def _collectives(rank, world_size):
+    import heddle.dist as hd
+    from heddle.bench.scenario import BenchContext
+    from heddle.bench.scenarios import collectives
+
+    scenario = registry.get("collectives")
+    ctx = BenchContext(rank, world_size)
+    rows = scenario.run(ctx, _options(scenario, ["--min-bytes", "100", "--max-bytes", "3000", "--factor", "5",
+                                                 "--warmup", "1", "--trials", "2"]))
+    # The check must be able to fail: a "collective" that does nothing is caught.
+    broken = {}
+    for name in ("all_reduce", "all_to_all_uneven", "broadcast"):
+        build, _ = collectives.BUILTIN_OPS[name]
+        case = build(ctx, 256, collectives.DTYPES["float32"], None)
+        real = (hd.all_reduce, hd.all_to_all_single, hd.broadcast)
+        hd.all_reduce = hd.all_to_all_single = hd.broadcast = lambda *a, **k: None
+        try:
+            broken[name] = case.check()
+        finally:
+            hd.all_reduce, hd.all_to_all_single, hd.broadcast = real
+    return rows, broken
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_collectives_sweep_verifies_every_result(world_size):
+    per_rank = run_distributed(_collectives, world_size)
+    rows, broken = per_rank[0]
+    ops = {r["op"] for r in rows}
+    assert {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_all_uneven", "broadcast"} <= ops
+    assert len(rows) == len(ops) * 3  # sizes 100, 500, 2500
+    for r in rows:
+        assert r["wrong"] == 0, r
+        assert r["time_us"] > 0 and r["trials"] == 2
+        if r["bus_from"] == "nccl-tests":
+            bus_op = {"all_to_all_uneven": "all_to_all"}.get(r["op"], r["op"])
+            assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * bus_factor(bus_op, world_size))
+            # the ledger's priced bytes agree with nccl-tests' factor;
+            # broadcast: every rank but the root receives S, while its bus factor is 1 (pipelined)
+            factor = (world_size - 1) / world_size if r["op"] == "broadcast" else r["bus_factor"]
+            if r["op"] != "all_to_all_uneven":  # uneven: the chunk a rank keeps differs by rank
+                assert r["ledger_recv_bytes_mean"] == pytest.approx(r["size_bytes"] * factor, rel=0.02)
+            assert 0 < r["ledger_recv_bytes_mean"] <= r["size_bytes"] * 2
+        else:  # heddle's sparse collectives: bytes from the ledger, less than the dense op moves
+            assert 0 < r["bus_factor"] < bus_factor("all_gather", world_size)
+    # every rank reports the same (max-over-ranks) times
+    assert [r["time_us"] for r in rows] == [r["time_us"] for r in per_rank[-1][0]]
+    for name in broken:  # summed over ranks (a no-op broadcast is right on the root)
+        assert sum(rank_result[1][name] for rank_result in per_rank) > 0, name
+
+
+def _training(rank, world_size):
+    from heddle.bench.scenario import BenchContext
+
+    scenario = registry.get("training")
+    opts = _options(scenario, ["--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "16",
+                               "--batch-size", "4", "--warmup", "1", "--trials", "2", "--replays", "1",
+                               "--config", '{"label": "ddp"}',
+                               "--config", '{"label": "clip", "max_grad_norm": 1.0, "grad_accum_steps": 2}'])
+    return scenario.run(BenchContext(rank, world_size), opts)
+
+
+def test_training_rows_and_ledger_bytes():
+    rows = run_distributed(_training, 2)[0]
+    ddp, clip = rows
+    assert ddp["config"] == "ddp" and clip["config"] == "clip"
+    assert ddp["tokens_per_step"] == 4 * 16 and clip["tokens_per_step"] == 2 * 4 * 16
+    assert ddp["tokens_per_s_per_device"] == pytest.approx(64 / ddp["step_time_s"] / 2)
+    # DDP at n=2 sends (n-1)/n * 2 = 1x the fp32 gradient bytes, plus the Trainer's [loss, tokens]
+    # fp64 all-reduce (16 B); clipping adds one more 8 B all-reduce of the sharded norm.
+    assert ddp["comm_mb_per_step"] * 1e6 == pytest.approx(ddp["params"] * 4 + 16)
+    assert clip["comm_mb_per_step"] * 1e6 == pytest.approx(clip["params"] * 4 + 16 + 8)
+    for r in rows:
+        assert r["comm_replayed_calls"] >= 2 and r["comm_s"] > 0
+        assert r["compute_s"] == pytest.approx(max(0.0, r["step_time_s"] - r["comm_s"] - r["checkpoint_stall_s"]))
+        assert r["peak_memory_mb"] > 10 and r["mfu"] is None and "peak-tflops" in r["peak_source"]
+        assert r["flops_per_token"] > 6 * (r["params"] - 256 * 32)
+        assert json.loads(r["comm_ops_json"])["all_reduce"]["calls"] >= 2
+
+
+def test_registry_and_bad_options(tmp_path):
+    found, broken = registry.discover()
+    assert {"collectives", "training"} <= set(found)
+    with pytest.raises(ValueError, match="unknown scenario 'nope'"):
+        registry.get("nope")
+    from heddle.bench.scenarios.training import split_config
+
+    with pytest.raises(ValueError, match=r"unknown TrainerConfig field\(s\) \['bogus'\]"):
+        split_config({"bogus": 1})
+    assert split_config({"label": "x", "model": {"d_model": 64}, "max_grad_norm": 1.0}) == (
+        "x", {"d_model": 64}, {"max_grad_norm": 1.0})
+    coll = found["collectives"]
+    with pytest.raises(ValueError, match="--ops='gossip'"):
+        coll.selected_ops(_options(coll, ["--ops", "gossip"]))
+
+
+def test_cli_single_process_in_place(tmp_path):
+    from heddle.bench.cli import main
+
+    out = tmp_path / "res"
+    assert main(["collectives", "--ops", "all_reduce,broadcast", "--max-bytes", "2K", "--factor", "2",
+                 "--trials", "2", "--out", str(out), "--quiet"]) == 0
+    rows = results.read_rows(out)
+    assert len(rows) == 4 and {r["world_size"] for r in rows} == {1}
+    assert all(r["wrong"] == 0 for r in rows) and rows[0]["launcher"] == "single"
+    assert rows[0]["command"].startswith("heddle bench collectives")
+    assert json.loads(rows[0]["config_json"])["trials"] == 2
+    assert results.read_rows(out, telemetry=True)[0]["rank"] == 0
+
+
+def test_cli_two_processes_through_the_launcher(tmp_path):
+    out = tmp_path / "res"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "heddle.bench.cli", "collectives", "--nproc", "2",
+                           "--ops", "all_reduce,all_to_all_uneven,sparse_all_gather", "--min-bytes", "512",
+                           "--max-bytes", "512", "--trials", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = results.read_rows(out)
+    assert {r["op"] for r in rows} >= {"all_reduce", "all_to_all_uneven"}
+    assert all(r["wrong"] == 0 and r["world_size"] == 2 and r["launcher"] == "torchrun" for r in rows)
+    assert rows[0]["tele_rss_mb_max"] > 10 and "telemetry_samples" not in rows[0]
+    samples = results.read_rows(out, telemetry=True)
+    assert {s["rank"] for s in samples} == {0, 1}
