@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=1, help="checkpoint every N optimizer steps")
     p.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep on disk")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --ckpt-dir")
+    p.add_argument("--moe", type=int, default=0, help="experts per MoE layer (heddle.moe); 0 keeps dense MLPs")
+    p.add_argument("--moe-strategy", choices=("fssdp", "ep"), default="fssdp", help="MoE parallelism: FSSDP (Hecate) or expert parallel")
+    p.add_argument("--moe-aux-weight", type=float, default=0.01, help="load-balancing aux loss weight (per token)")
     return p.parse_args(argv)
 
 
@@ -53,6 +56,8 @@ def feature_sections(args) -> dict:
         sections["checkpoint"] = {"directory": args.ckpt_dir, "every": args.ckpt_every, "keep": args.keep}
     elif args.resume:
         raise ValueError("--resume needs --ckpt-dir")
+    if args.moe:
+        sections["moe"] = {"num_experts": args.moe, "strategy": args.moe_strategy, "aux_loss_weight": args.moe_aux_weight}
     return sections
 
 
@@ -95,6 +100,8 @@ def main(argv=None):
                 targets = batch["targets"]
                 loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                            ignore_index=-100, reduction="sum")
+                if args.moe:  # loss_sum is a token sum: weight the MoE aux loss by this rank's tokens
+                    loss_sum = loss_sum + args.moe_aux_weight * (targets != -100).sum() * model.aux_loss()
                 trainer.backward(loss_sum, num_tokens=(targets != -100).sum())
             metrics = trainer.step()
             losses.append(metrics["loss"])

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from heddle.dist import all_gather_into_tensor, comm_tag, group_rank_size, mark_sharded
+from heddle.dist import all_gather, comm_tag, group_rank_size, mark_sharded
 from heddle.moe.communication import MaterializedExperts, gather, uneven_all_to_all
 from heddle.moe.experts import ExpertStore, expert_numel, init_expert
 from heddle.moe.placement import LoadPredictor, dispatch_plan, materialize, round_robin_owners
@@ -104,6 +104,17 @@ class MoE(nn.Module):
                                       seed=self.seed, init_std=self.init_std, out_std=self.out_std,
                                       dtype=self.dtype) if o == self.rank else torch.empty(0, dtype=self.dtype))
             mark_sharded(p, self._global_rank(o))
+
+    def adopt_owners(self, owners: list[int]) -> None:
+        """Take ``owners`` without moving data (resume at the same world size, before loading the
+        model's state dict): newly owned experts get zero storage for the load to fill."""
+        for e, o in enumerate(owners):
+            p = self.experts.expert(e)
+            if o == self.rank and p.numel() == 0:
+                p.data = torch.zeros(self.expert_numel, dtype=self.dtype)
+            elif o != self.rank and p.numel():
+                p.data, p.grad = torch.empty(0, dtype=self.dtype), None
+        self.set_owners(list(owners))
 
     def owned_experts(self) -> list[int]:
         return [e for e, o in enumerate(self.owners) if o == self.rank]
@@ -189,10 +200,10 @@ class MoE(nn.Module):
     def _all_counts(self, local: torch.Tensor) -> np.ndarray:
         if self.world_size == 1:
             return local.numpy()[None].astype(np.int64)
-        out = torch.empty(self.world_size * self.num_experts, dtype=torch.int64)
+        parts = [torch.empty(self.num_experts, dtype=torch.int64) for _ in range(self.world_size)]
         with comm_tag("moe"):
-            all_gather_into_tensor(out, local.to(torch.int64).contiguous(), group=self.group)
-        return out.view(self.world_size, self.num_experts).numpy()
+            all_gather(parts, local.to(torch.int64).contiguous(), group=self.group)
+        return torch.stack(parts).numpy()
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ffn={self.d_ffn}, num_experts={self.num_experts}, "

@@ -1,0 +1,108 @@
+"""Trainer section ``moe``: every block's MLP becomes a Mixture-of-Experts layer (FSSDP or EP).
+
+    heddle.TrainerConfig(moe={"num_experts": 8, "strategy": "fssdp"})
+
+setup: replaces ``block.mlp`` with :class:`heddle.moe.MoE` on ``trainer.group`` (each expert
+parameter is marked with :func:`heddle.dist.mark_sharded` by the layer, so the Trainer leaves
+experts out of DDP and its global-norm clipping counts each expert once, on its owner), and moves
+the optimizer's entries from the dense MLPs to the MoE parameters. With ``overlap`` a forward
+pre-hook on each block issues the layer's spAG before the block's attention runs.
+
+Gradients: the router is replicated (DDP sums it); expert gradients arrive on owners by spRS as
+the sum over ranks of d(loss_sum), as the Trainer's contract expects. The aux loss is the
+user's to add: with a per-rank token-sum loss, add ``aux_loss_weight * num_tokens *
+model.aux_loss()`` so that after the Trainer divides by the global token count the objective is
+token-mean loss + aux_loss_weight * (token-weighted mean of the ranks' aux losses).
+
+after_optimizer_step: FSSDP re-shards every ``reshard_every`` steps (Algorithm 2), moving
+parameters and optimizer state only when the plan changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from heddle.moe import STRATEGIES, MoE, reshard
+from heddle.moe.apply import replace_mlps, swap_optimizer_params
+from heddle.plugins.base import TrainerPlugin
+
+
+@dataclass
+class Config:
+    num_experts: int = 8
+    top_k: int = 2
+    strategy: str = "fssdp"
+    d_ffn: int | None = None             # None: the replaced MLP's hidden size
+    capacity_factor: float | None = None  # None: dropless
+    activation: str = "swiglu"
+    aux_loss_weight: float = 0.01         # read by the training loop (examples/train_lm.py)
+    reshard_every: int | None = 100       # FSSDP: Algorithm 2 every N steps; None: never
+    overlap: bool = True                  # issue spAG before the block's attention
+    rematerialize: bool = False
+    overlap_degree: int | None = None
+    memory_slots: int | None = None
+    window: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"moe.strategy={self.strategy!r} is not one of {STRATEGIES}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"moe.num_experts={self.num_experts!r} must be a positive int")
+        if self.reshard_every is not None and (not isinstance(self.reshard_every, int) or self.reshard_every < 1):
+            raise ValueError(f"moe.reshard_every={self.reshard_every!r} must be a positive int or None")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"moe.aux_loss_weight={self.aux_loss_weight} must be >= 0")
+
+
+class Plugin(TrainerPlugin):
+    name = "moe"
+
+    def setup(self, trainer) -> None:
+        c = self.config
+        swapped = replace_mlps(trainer.module, num_experts=c.num_experts, top_k=c.top_k, group=trainer.group,
+                               d_ffn=c.d_ffn, seed=c.seed, strategy=c.strategy,
+                               capacity_factor=c.capacity_factor, activation=c.activation,
+                               rematerialize=c.rematerialize, overlap_degree=c.overlap_degree,
+                               memory_slots=c.memory_slots, window=c.window)
+        self.layers: list[MoE] = [moe for _, _, moe in swapped]
+        swap_optimizer_params(trainer.optimizer, [p for _, old, _ in swapped for p in old.parameters()],
+                              [p for moe in self.layers for p in moe.parameters()])
+        self.hooks = []
+        if c.overlap and c.strategy == "fssdp" and trainer.world_size > 1:
+            for block, _, _ in swapped:
+                self.hooks.append(block.register_forward_pre_hook(lambda module, args: module.mlp.prefetch()))
+        self.moved = 0
+        trainer.moe_layers = self.layers
+
+    def after_optimizer_step(self, trainer) -> None:
+        every = self.config.reshard_every
+        if self.config.strategy == "fssdp" and every and trainer.step_count % every == 0:
+            self.moved = reshard(self.layers, trainer.optimizer)
+
+    def metrics(self, trainer) -> dict[str, float]:
+        stats = [layer.last_stats for layer in self.layers if layer.last_stats]
+        if not stats:
+            return {}
+        return {"moe_max_over_mean": max(s["max_over_mean"] for s in stats),
+                "moe_dropped": sum(s["dropped"] for s in stats),
+                "moe_replicas": sum(s["replicas"] for s in stats),
+                "moe_experts_moved": float(self.moved)}
+
+    def state_dict(self) -> dict:
+        return {"owners": [list(layer.owners) for layer in self.layers],
+                "world_size": self.layers[0].world_size if self.layers else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Same world size: adopt the saved owners (before the model's state dict is loaded, each
+        rank then finds its experts in its own shard). Another world size: keep the fresh owners
+        and load a state dict merged with :func:`heddle.moe.merge_expert_shards`."""
+        if state.get("world_size") != (self.layers[0].world_size if self.layers else 0):
+            return
+        for layer, owners in zip(self.layers, state["owners"]):
+            layer.adopt_owners(owners)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
