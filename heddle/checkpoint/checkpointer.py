@@ -114,6 +114,7 @@ class Checkpointer:
         self._handles: dict[int, SaveHandle] = {}
         self._memory_steps: list[Snapshot] = []      # copied, held as memory snapshots (oldest first)
         self._durable_step = -1
+        self._durable_steps: list[int] = []
         self._committed_step = -1
         self._protected_step = -1
         self._stale_cleaned = False
@@ -179,8 +180,12 @@ class Checkpointer:
                 if kind == "flush":
                     self._flush(arg)
                 elif kind == "commit":
-                    step, world = arg
-                    write_manifest(self.directory, step, world)
+                    steps, world = arg
+                    for step in steps:
+                        try:
+                            write_manifest(self.directory, step, world)
+                        except FileNotFoundError:   # flush="latest": some rank skipped this step
+                            log.debug("checkpoint: step %s not on every rank, not committed", step)
                     deleted = apply_retention(self.directory, self.keep)
                     if deleted:
                         log.debug("checkpoint: retention removed steps %s", deleted)
@@ -202,6 +207,7 @@ class Checkpointer:
             write_rank_files(self.directory, snap.index, snap.slot.buffer.numpy())
             with self._lock:
                 self._durable_step = max(self._durable_step, snap.step)
+                self._durable_steps.append(snap.step)
             if handle is not None:
                 handle._durable.set()
         finally:
@@ -226,7 +232,10 @@ class Checkpointer:
         durable, memory = int(local[0]), int(local[1])
         if durable > self._committed_step and "disk" in self.levels:
             if self.rank == 0:
-                self._jobs.put(("commit", (durable, self.world_size)))
+                with self._lock:
+                    steps = sorted(s for s in self._durable_steps if self._committed_step < s <= durable)
+                    self._durable_steps = [s for s in self._durable_steps if s > durable]
+                self._jobs.put(("commit", (steps, self.world_size)))
             self._committed_step = durable
         if memory >= 0:
             if self.redundancy is not None and memory > self._protected_step:

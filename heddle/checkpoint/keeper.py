@@ -160,6 +160,9 @@ def shutdown_keeper(root: str) -> None:
     conn.send(("shutdown",))
     conn.recv()
     conn.close()
+    deadline = time.monotonic() + 30.0
+    while os.path.exists(root) and time.monotonic() < deadline:
+        time.sleep(0.01)   # the keeper closes its socket and removes the files on its way out
 
 
 if __name__ == "__main__":
