@@ -82,7 +82,7 @@ def test_milp_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     cm = small_model()
     devices = int(rng.choice([2, 3, 4]))
-    lengths = [int(x) for x in rng.integers(5, 260, size=int(rng.integers(2, 6)))]
+    lengths = [int(x) for x in rng.integers(5, 190, size=int(rng.integers(2, 6)))]
     lengths = [s for s in lengths if min_degree_for(s, cm.token_capacity) <= 2 ** (devices.bit_length() - 1)]
     if not lengths:
         lengths = [50]

@@ -1,0 +1,106 @@
+"""Executor: one step under heterogeneous plans equals single-process training on the whole batch
+(fp64, world 2, 3 and 4); the background planner gives every rank the identical plan and a
+planner failure raises on every rank."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heddle.models import GPT, GPTConfig
+from heddle.sequence import position_ids_from_cu_seqlens
+from heddle.sequence.adaptive import CostModel, MicroBatch, Plan
+from heddle.sequence.adaptive.background import BackgroundPlanner, PlannerError
+from heddle.sequence.adaptive.executor import AdaptiveExecutor, pack_documents
+from tests.conftest import run_distributed
+
+LENGTHS = [9, 4, 13, 6, 3, 11, 7]
+
+
+def _model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)).double()
+
+
+def _documents():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 32, (s + 1,), generator=g) for s in LENGTHS]
+
+
+def _plan(world, groups_per_mb):
+    mbs = [MicroBatch([(tuple(r), list(i)) for r, i in groups], 0.0) for groups in groups_per_mb]
+    return Plan(num_devices=world, lengths=list(LENGTHS), micro_batches=mbs, predicted_time=0.0,
+                solver="manual", status="manual", solve_time=0.0)
+
+
+PLANS = {
+    # one group of 2 then two groups of 1
+    2: [[((0, 1), [0, 2, 5])], [((0,), [1, 3]), ((1,), [4, 6])]],
+    # one group of 2 plus one of 1; then rank 2 idles while 0 and 1 run alone
+    3: [[((0, 1), [2, 5]), ((2,), [0, 1, 4])], [((0,), [3]), ((1,), [6])]],
+    # 4, then 2 + 1 + 1, then 2 + 2
+    4: [[((0, 1, 2, 3), [2])], [((0, 1), [0, 6]), ((2,), [1]), ((3,), [4])], [((0, 1), [5]), ((2, 3), [3])]],
+}
+
+
+def _reference_grads():
+    model = _model()
+    inputs, targets, cu = pack_documents(_documents())
+    pos = position_ids_from_cu_seqlens(cu, len(inputs))
+    logits = model(inputs[None], position_ids=pos[None], cu_seqlens=cu)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / len(targets)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _step(executor, plan, docs):
+    model = executor.model
+    model.zero_grad(set_to_none=True)
+    loss_sum, tokens = executor.run(plan, docs)
+    executor.reduce_gradients()
+    totals = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64)
+    import heddle.dist as hd
+    hd.all_reduce(totals)
+    for p in model.parameters():
+        p.grad /= totals[1]
+    return float(totals[0] / totals[1]), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world):
+    torch.set_default_dtype(torch.float64)
+    ref_loss, ref_grads = _reference_grads()
+    model = _model()
+    executor = AdaptiveExecutor(model)
+    docs = _documents()
+    errors = {}
+    plans = {"manual": _plan(world, PLANS[world])}
+    # a plan from the planner with a tiny memory: mixed degrees and several micro-batches
+    cm = CostModel(a1=1e-3, a2=1e-2, b1=1e-3, a3=10.0, b2=1e-3, bandwidth={2: 1e3, 4: 8e2},
+                   token_bytes=1.0, static_bytes=0.0, device_bytes=8.5, name="tiny")
+    planner = BackgroundPlanner(world, cm, time_limit=2.0)
+    planner.submit(LENGTHS)
+    plans["planned"] = planner.result()
+    for name, plan in plans.items():
+        plan.validate(cm, capacity=plan.extra.get("capacity", 10**9))
+        loss, grads = _step(executor, plan, docs)
+        errors[name] = max(abs(loss - ref_loss), *(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()))
+    # failure: a sequence longer than every group can hold -> PlannerError on every rank
+    planner.submit([10_000])
+    try:
+        planner.result()
+        failed = "no error"
+    except PlannerError as e:
+        failed = str(e)
+    planner.close()
+    degrees = sorted({len(r) for r, _ in plans["planned"].groups})
+    return {"errors": errors, "plan": plans["planned"].to_json(), "failed": failed, "degrees": degrees}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_executor_matches_single_process(world):
+    results = run_distributed(_worker, world)
+    for rank, r in enumerate(results):
+        for name, err in r["errors"].items():
+            assert err < 1e-10, f"rank {rank}, plan {name}: max error {err}"
+        assert r["plan"] == results[0]["plan"], f"rank {rank} got a different plan"
+        assert "cannot fit even on the largest group" in r["failed"], r["failed"]
+    assert len(Plan.from_json(results[0]["plan"]).micro_batches) >= 2
