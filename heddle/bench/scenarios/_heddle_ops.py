@@ -4,6 +4,10 @@
   spRS): a buffer of ``E = 4 n`` chunks owned round-robin (``owners[c] = c mod n``); the first
   ``ceil(lambda E)`` chunks are materialized on every rank (``--sparse-fraction`` lambda), the others
   stay on their owner. "size" is the dense buffer (E chunks: what a full all-gather would produce).
+- ``compressed_all_reduce`` (:class:`heddle.compress.GradientCompression` with ``TopK(density)``,
+  ``--compress-density``, no error feedback, sum): ``comp.all_reduce([buffer])`` of a ``size``-byte
+  fp32 buffer. Checked against an independent fp64 reference: the sum over ranks of each rank's
+  k = round(density n) largest-magnitude entries (inputs are seeded Gaussians: no ties).
 
 These ops report algbw on the dense size (the effective bandwidth a user sees) and busbw from the
 bytes the CommLedger recorded: mean over ranks of bytes received per call / time. For the dense
@@ -67,6 +71,34 @@ def _sparse_case(ctx, target_bytes, dtype, options, gather: bool):
                 redop="none" if gather else "sum")
 
 
+def _compressed_case(ctx, target_bytes, dtype, options):
+    from heddle.compress import GradientCompression, TopK
+    from heddle.compress.compressors import num_kept
+
+    if dtype != torch.float32:
+        raise ValueError(f"compressed_all_reduce compresses fp32 gradients; --dtype={dtype} is not supported "
+                         "(run it with --dtype float32 or leave it out of --ops)")
+    count = max(1, target_bytes // 4)
+    comp = GradientCompression(TopK(options.compress_density), group=ctx.group, start_iter=0, reduction="sum")
+    buf = torch.zeros(count, device=ctx.device)
+
+    def rank_input(q):
+        g = torch.Generator().manual_seed(1000 + q)
+        return torch.randn(count, generator=g, dtype=torch.float64).to(ctx.device)
+
+    def check():
+        x = rank_input(ctx.rank).float()
+        comp.all_reduce([x])
+        k = num_kept(count, options.compress_density)
+        expected = torch.zeros(count, dtype=torch.float64, device=ctx.device)
+        for q in range(ctx.world_size):
+            xq = rank_input(q).float().double()
+            idx = torch.topk(xq.abs(), k).indices
+            expected[idx] += xq[idx]
+        return int(((x.double() - expected).abs() > 1e-6 * (1 + expected.abs())).sum())
+    return Case(count * 4, count, lambda: comp.all_reduce([buf]), check, redop="sum")
+
+
 def heddle_ops() -> dict:
     """{name: (builder, bus_op)}; bus_op None: busbw from the ledger's bytes."""
     ops = {}
@@ -74,4 +106,6 @@ def heddle_ops() -> dict:
         ops["sparse_all_gather"] = (lambda c, t, d, o: _sparse_case(c, t, d, o, True), None)
     if _optional("heddle.dist", "sparse_reduce_scatter") is not None:
         ops["sparse_reduce_scatter"] = (lambda c, t, d, o: _sparse_case(c, t, d, o, False), None)
+    if _optional("heddle.compress", "GradientCompression") is not None:
+        ops["compressed_all_reduce"] = (_compressed_case, None)
     return ops

@@ -190,6 +190,8 @@ class Collectives(Scenario):
         parser.add_argument("-e", "--max-bytes", type=parse_bytes, default=parse_bytes("16M"))
         parser.add_argument("-f", "--factor", type=float, default=4.0, help="size multiplier (default 4)")
         parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        parser.add_argument("--compress-density", type=float, default=0.01,
+                            help="compressed all-reduce: top-k density")
         parser.add_argument("--sparse-fraction", type=float, default=0.5,
                             help="sparse collectives: fraction of chunks materialized on every rank")
 
@@ -205,6 +207,8 @@ class Collectives(Scenario):
 
     def run(self, ctx: BenchContext, options) -> list[dict]:
         dtype = DTYPES[options.dtype]
+        if not 0 < options.compress_density <= 1:
+            raise ValueError(f"--compress-density={options.compress_density} must be in (0, 1]")
         if not 0 <= options.sparse_fraction <= 1:
             raise ValueError(f"--sparse-fraction={options.sparse_fraction} must be in [0, 1]")
         sizes = size_sweep(options.min_bytes, options.max_bytes, options.factor)
