@@ -22,7 +22,8 @@ import numpy as np
 def solve(errors, sizes, default: list[int], budget: float = 1.0, *, num_buckets: int = 10_000) -> list[int]:
     """errors, sizes: per layer a list over its candidates; default[l] the uniform choice.
     Returns one candidate index per layer: minimum sum of sizes s.t. sum of errors <= budget *
-    sum of default errors (the default is returned when nothing cheaper meets it)."""
+    sum of default errors (the default when nothing cheaper meets it; the least-error candidates
+    when nothing at all does)."""
     num_layers = len(errors)
     if len(sizes) != num_layers or len(default) != num_layers:
         raise ValueError(f"errors ({num_layers}), sizes ({len(sizes)}) and default ({len(default)}) "
@@ -53,9 +54,12 @@ def solve(errors, sizes, default: list[int], budget: float = 1.0, *, num_buckets
             nxt[better] = cand[better]
             choice[l][better] = c
         best = nxt
+    default_ok = sum(float(err[l][default[l]]) for l in range(num_layers)) <= limit * (1 + 1e-12)
     for j in np.argsort(best, kind="stable"):
-        if not np.isfinite(best[j]) or best[j] >= default_size:
+        if not np.isfinite(best[j]):
             break
+        if default_ok and best[j] >= default_size:
+            return list(default)
         picks, at = [], int(j)
         for l in range(num_layers - 1, -1, -1):
             c = int(choice[l][at])
@@ -64,7 +68,10 @@ def solve(errors, sizes, default: list[int], budget: float = 1.0, *, num_buckets
         picks.reverse()
         if sum(float(err[l][picks[l]]) for l in range(num_layers)) <= limit * (1 + 1e-12):
             return picks
-    return list(default)
+    if default_ok:
+        return list(default)
+    # nothing meets a budget below the default's error: the least error there is (cheapest on ties)
+    return [int(np.lexsort((s, e))[0]) for e, s in zip(err, size)]
 
 
 class LGreCo:
