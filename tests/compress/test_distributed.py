@@ -76,7 +76,50 @@ def _ddp_worker(rank, world):
         opt.step()
         opt.zero_grad()
     out["plain"] = {"grads": torch.stack(grads)}
-    return {"ddp": out, "paths": _paths_worker(rank, world)}
+    return {"ddp": out, "paths": _paths_worker(rank, world),
+            "trainer": _trainer_worker(rank, world) if world == 2 else None}
+
+
+def _trainer_worker(rank, world):
+    """The Trainer's compression section: identity == plain DDP bit for bit (sum contract), and a
+    compressed run whose plugin state resumes into identical steps."""
+    import torch.nn.functional as F
+
+    import heddle
+    from heddle.models import GPT, GPTConfig
+
+    def run(section, steps, state=None):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=16))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = heddle.Trainer(model, opt, config=heddle.TrainerConfig(
+            progress=False, bucket_cap_mb=0.01, max_grad_norm=1.0, compression=section))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            trainer.load_state_dict(state["trainer"])
+        metrics = []
+        for step in range(trainer.step_count, steps):
+            g = torch.Generator().manual_seed(step * 10 + rank)
+            x = torch.randint(0, 256, (2, 17), generator=g)
+            loss = F.cross_entropy(trainer.model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            trainer.backward(loss, num_tokens=32)
+            metrics.append(trainer.step())
+        snap = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                "opt": opt.state_dict(), "trainer": trainer.state_dict()}
+        trainer.close()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics, snap
+
+    plain, _, _ = run(None, 4)
+    ident, _, _ = run({"compressor": "identity", "feedback": "none", "start_iter": 0}, 4)
+    section = {"compressor": "topk:0.05", "feedback": "econtrol", "start_iter": 2, "lgreco": True,
+               "retune_every": 3, "sample_steps": 2}
+    full, metrics, _ = run(section, 7)
+    _, _, snap = run(section, 4)
+    resumed, _, _ = run(section, 7, state=snap)
+    return {"plain": plain, "identity": ident, "full": full, "resumed": resumed,
+            "bpe": [m.get("compress_bits_per_element") for m in metrics],
+            "losses": [m["loss"] for m in metrics]}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -101,6 +144,12 @@ def test_ddp_many_buckets_every_compressor_and_paths(world):
         if not key.startswith("identity"):
             assert r0["bpe"] < 32, key
     assert np.array_equal(res[0]["identity-None"]["grads"], res[0]["plain"]["grads"])
+    if world == 2:
+        tr = [r["trainer"] for r in both]
+        assert np.array_equal(tr[0]["identity"], tr[0]["plain"])        # sum contract, bit for bit
+        assert np.array_equal(tr[0]["full"], tr[1]["full"])             # replicas
+        assert np.array_equal(tr[0]["resumed"], tr[0]["full"])          # resume: identical steps
+        assert tr[0]["bpe"][0] == 32.0 and tr[0]["bpe"][-1] < 32 / 5   # warm-up, then compressed
 
 
 def _paths_worker(rank, world):
