@@ -22,10 +22,13 @@ row per case, compared side by side in one process group, with torchtitan's metr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import fields
 
@@ -41,6 +44,16 @@ from heddle.bench.scenario import BenchContext, Scenario, summarize
 from heddle.data import ByteCorpus, WindowSampler
 from heddle.models import GPT, GPTConfig
 
+# Feature configs the quick set adds when their plugin module exists (2 processes).
+QUICK_FEATURE_CONFIGS = [
+    ("heddle.plugins.sequence_parallel", {"label": "ulysses sp2", "sequence_parallel": {"sp_size": 2}}),
+    ("heddle.plugins.moe", {"label": "moe fssdp 4 experts", "moe": {"num_experts": 4}}),
+    ("heddle.plugins.compression", {"label": "compression topk 1%", "compression": {
+        "compressor": "topk:0.01", "feedback": "ef", "start_iter": 2}}),
+    ("heddle.plugins.checkpoint", {"label": "checkpoint every step", "checkpoint": {
+        "directory": "@tmp", "every": 1}}),
+]
+TMP_DIRECTORY = "@tmp"  # in a config: a fresh temporary directory for this case, removed after it
 PLUGIN_HOOKS = ("prepare_batch", "reduce_gradients", "before_optimizer_step", "after_optimizer_step")
 
 
@@ -111,10 +124,16 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 class Training(Scenario):
     name = "training"
     help = "example GPT under TrainerConfig(s): tokens/s/device, compute/comm/checkpoint split, memory, MFU"
-    quick_args = ["--d-model", "64", "--layers", "2", "--heads", "4", "--seq-len", "64", "--batch-size", "8",
-                  "--warmup", "2", "--trials", "8",
-                  "--config", '{"label": "ddp"}',
-                  "--config", '{"label": "ddp accum2 clip", "grad_accum_steps": 2, "max_grad_norm": 1.0}']
+
+    @property
+    def quick_args(self) -> list[str]:
+        """Small model; plain DDP plus one config per feature plugin that is installed."""
+        args = ["--d-model", "64", "--layers", "2", "--heads", "4", "--seq-len", "64", "--batch-size", "8",
+                "--warmup", "3", "--trials", "8"]
+        for config in [{"label": "ddp"}, {"label": "ddp accum2 clip", "grad_accum_steps": 2, "max_grad_norm": 1.0}] + [
+                config for module, config in QUICK_FEATURE_CONFIGS if importlib.util.find_spec(module)]:
+            args += ["--config", json.dumps(config)]
+        return args
 
     def add_options(self, parser):
         parser.add_argument("--config", action="append", default=None,
@@ -159,17 +178,43 @@ class Training(Scenario):
                     f"stall {r['checkpoint_stall_s'] * 1e3:.1f} ms)")
         return rows
 
+    @staticmethod
+    def _with_tmp(ctx: BenchContext, trainer_config: dict) -> tuple[dict, str | None]:
+        """Replace "@tmp" directories by one fresh directory made by rank 0 (same on every rank)."""
+        text = json.dumps(trainer_config)
+        if f'"{TMP_DIRECTORY}"' not in text:
+            return trainer_config, None
+        shared = [tempfile.mkdtemp(prefix="heddle-bench-") if ctx.rank == 0 else None]
+        if ctx.world_size > 1:
+            dist.broadcast_object_list(shared, src=0, group=ctx.group)
+        return json.loads(text.replace(f'"{TMP_DIRECTORY}"', json.dumps(shared[0]))), shared[0]
+
     def _run_case(self, ctx: BenchContext, options, corpus: ByteCorpus, case: dict) -> dict:
+        trainer_kwargs, tmp = self._with_tmp(ctx, case["trainer"])
+        try:
+            return self._measure(ctx, options, corpus, case, trainer_kwargs)
+        finally:
+            if tmp is not None:
+                if ctx.world_size > 1:
+                    dist.barrier(group=ctx.group)
+                if ctx.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    def _measure(self, ctx: BenchContext, options, corpus: ByteCorpus, case: dict, trainer_kwargs: dict) -> dict:
         cfg = self._model_config(options, case["model"])
         torch.manual_seed(options.seed)
         model = GPT(cfg).to(ctx.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
-        tconfig = heddle.TrainerConfig(**{**case["trainer"], "progress": False})
+        tconfig = heddle.TrainerConfig(**{**trainer_kwargs, "progress": False})
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         trainer = heddle.Trainer(model, optimizer, config=tconfig, group=ctx.group)
         hooks = _HookTimer(trainer.plugins)
         accum = tconfig.grad_accum_steps
+        moe = trainer_kwargs.get("moe")
+        # as examples/train_lm.py: the MoE load-balancing loss, weighted per token of this rank
+        aux_weight = ((moe.get("aux_loss_weight", 0.01) if isinstance(moe, dict) else
+                       getattr(moe, "aux_loss_weight", 0.01)) if moe else 0.0)
         dp_rank = getattr(trainer, "dp_rank", ctx.rank)
         dp_size = getattr(trainer, "dp_size", ctx.world_size)
         sampler = trainer.track("sampler", WindowSampler(corpus.train, options.seq_len, options.batch_size * accum,
@@ -190,6 +235,8 @@ class Training(Scenario):
                 targets = batch["targets"]
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                        reduction="sum")
+                if aux_weight:
+                    loss = loss + aux_weight * (targets != -100).sum() * model.aux_loss()
                 trainer.backward(loss, num_tokens=(targets != -100).sum())
                 fwd_bwd += time.perf_counter() - start
             start = time.perf_counter()
