@@ -1,0 +1,56 @@
+"""Ulysses attention, side by side: heddle vs DeepSpeed DistributedAttention vs local attention.
+
+    heddle run -n 2 benchmarks/ulysses.py [--seq-lens 2048,4096,8192] [--trials 7] [--markdown]
+
+Runs the ``ulysses`` bench scenario (heddle/bench/scenarios/ulysses.py: what is measured and how)
+in this process group, one thread per process, and prints a table plus, per sequence length,
+heddle's overhead over local attention as a fraction of DeepSpeed's (goal: <= 0.5).
+``heddle bench ulysses --nproc 2`` runs the same code through the harness (Parquet results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import heddle
+from heddle.bench.report import markdown_table, print_rows
+from heddle.bench.scenario import BenchContext
+from heddle.bench.scenarios.ulysses import SCENARIO
+
+COLUMNS = [("s", "s"), ("impl", "impl"), ("median_s", "fwd+bwd median s"), ("p95_s", "p95 s"),
+           ("overhead_s", "overhead s"), ("overhead_vs_ds", "heddle/DS"), ("bytes_sent", "bytes sent"),
+           ("peak_mem_mb", "peak MB"), ("max_abs_diff_vs_ds", "max |diff| vs DS")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    SCENARIO.add_options(parser)
+    options = parser.parse_args(argv)
+    torch.set_num_threads(options.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    heddle.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = SCENARIO.run(BenchContext(rank, world), options)
+    if rank == 0:
+        print_rows("ulysses", rows, COLUMNS)
+        if options.markdown:
+            print(markdown_table(rows, COLUMNS))
+        for row in rows:
+            if row["impl"] in ("heddle", "heddle-comm") and "overhead_vs_ds" in row:
+                what = "overhead over local attention" if row["impl"] == "heddle" else "comm+layout time alone"
+                verdict = "met" if row["overhead_vs_ds"] <= 0.5 else "missed"
+                print(f"s={row['s']}: heddle {what} = {row['overhead_vs_ds']:.2f} x DeepSpeed's "
+                      f"(goal <= 0.5: {verdict})")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
