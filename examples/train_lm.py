@@ -44,6 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--moe", type=int, default=0, help="experts per MoE layer (heddle.moe); 0 keeps dense MLPs")
     p.add_argument("--moe-strategy", choices=("fssdp", "ep"), default="fssdp", help="MoE parallelism: FSSDP (Hecate) or expert parallel")
     p.add_argument("--moe-aux-weight", type=float, default=0.01, help="load-balancing aux loss weight (per token)")
+    p.add_argument("--compress", default=None, help="compressed gradients (heddle.compress): topk:0.01, randomk:0.01, quantize:4, powersgd:4")
+    p.add_argument("--feedback", choices=("none", "ef", "ef21", "econtrol"), default="ef", help="error control for --compress")
+    p.add_argument("--eta", type=float, default=0.05, help="EControl's eta")
+    p.add_argument("--lgreco", action="store_true", help="L-GreCo: per-layer compression parameters (with --compress)")
+    p.add_argument("--compress-start", type=int, default=10, help="uncompressed warm-up steps for --compress")
     return p.parse_args(argv)
 
 
@@ -58,6 +63,12 @@ def feature_sections(args) -> dict:
         raise ValueError("--resume needs --ckpt-dir")
     if args.moe:
         sections["moe"] = {"num_experts": args.moe, "strategy": args.moe_strategy, "aux_loss_weight": args.moe_aux_weight}
+    if args.compress:
+        sections["compression"] = {"compressor": args.compress, "feedback": args.feedback, "eta": args.eta,
+                                   "lgreco": args.lgreco, "start_iter": args.compress_start,
+                                   "retune_every": max(args.steps // 3, 1)}
+    elif args.lgreco:
+        raise ValueError("--lgreco needs --compress")
     return sections
 
 
