@@ -144,7 +144,10 @@ def read_table(out_dir: str | os.PathLike, *, telemetry: bool = False) -> pa.Tab
     if not files:
         return None
     tables = [pq.read_table(f) for f in files]
-    return pa.concat_tables(tables, promote_options="permissive")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column changed type between runs: text wins
+        return pa.Table.from_pylist(normalize_rows([row for t in tables for row in t.to_pylist()]))
 
 
 def read_rows(out_dir: str | os.PathLike, *, telemetry: bool = False) -> list[dict]:

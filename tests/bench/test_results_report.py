@@ -36,6 +36,9 @@ def test_parquet_schema_round_trip(tmp_path):
     both = results.read_rows(tmp_path)
     assert len(both) == 3 and both[2]["extra"] == "y" and both[0]["extra"] is None
     assert both[2]["size_bytes"] == 4.5 and both[0]["size_bytes"] == 1024
+    # a column that changes type between runs reads back as text, nothing dropped
+    results.write_rows(tmp_path, "demo", [{"op": 7}], run_id="r4", stamp="20260101T000002")
+    assert [r["op"] for r in results.read_rows(tmp_path)] == ["all_reduce", "all_gather", "broadcast", "7"]
     with pytest.raises(ValueError, match="no rows"):
         results.write_rows(tmp_path, "demo", [], run_id="r3")
     with pytest.raises(ValueError, match="does not exist"):

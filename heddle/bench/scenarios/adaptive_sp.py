@@ -1,0 +1,155 @@
+"""Adaptive sequence parallelism (FlexSP): simulation, planner time, and a real gloo run.
+
+    heddle bench adaptive-sp                      # simulation + planner time (one process)
+    heddle bench adaptive-sp --nproc 4            # real run: adaptive vs static SP=4 vs SP=1
+    python benchmarks/adaptive_sp.py              # the same as a script that prints tables
+
+Parts (``--part``, default: sim,planner on one process, real on several):
+- ``sim``: preset cost model (default a100-80g-ib), 64 devices, global batches of 512 sequences
+  from each generated corpus (context up to 192K). Predicted step time of the adaptive plan vs the
+  best static Ulysses degree (one degree for every batch, DeepSpeed-style) vs the best single
+  degree chosen per batch. Static degrees are priced generously: each group accumulates its own
+  micro-batches with no barrier between them (the better of that and the planner restricted to
+  the degree), while the adaptive plan pays a barrier after every micro-batch.
+- ``planner``: wall time of ``plan_batch`` (default settings) at 64 and 256 devices, 512 sequences.
+- ``real``: the example GPT on variable-length byte documents over the launched processes, cost
+  model calibrated here; measured time of the planned micro-batches (forward+backward) and of the
+  whole step for adaptive / static SP=world / static SP=1, and the cost model's prediction error.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from heddle.bench.scenario import BenchContext, Scenario, summarize
+from heddle.data import sample_lengths
+from heddle.sequence.adaptive import CostModel, plan_batch
+from heddle.sequence.adaptive.planner import allowed_degrees
+
+
+def static_time(lengths, num_devices: int, cm: CostModel, degree: int, capacity: int) -> float:
+    """One degree everywhere, no barriers: N/d groups, longest work first onto the least-loaded
+    group; each group runs its sequences in micro-batches of <= d*capacity tokens (first-fit
+    decreasing), paying the fixed overhead once per micro-batch. inf if a sequence does not fit."""
+    if any(s > degree * capacity for s in lengths):
+        return float("inf")
+    groups = num_devices // degree
+    load = np.zeros(groups)
+    members = [[] for _ in range(groups)]
+    for s in sorted(lengths, reverse=True):
+        g = int(np.argmin(load))
+        load[g] += cm.work(s, degree)
+        members[g].append(s)
+    worst = 0.0
+    for g in range(groups):
+        bins: list[int] = []
+        for s in members[g]:
+            for i, used in enumerate(bins):
+                if used + s <= degree * capacity:
+                    bins[i] += s
+                    break
+            else:
+                bins.append(s)
+        worst = max(worst, load[g] + len(bins) * cm.overhead(degree))
+    return float(worst)
+
+
+def simulate(kind: str, *, preset: str = "a100-80g-ib", devices: int = 64, seqs: int = 512, batches: int = 4,
+             max_len: int = 192 * 1024, seed: int = 0, time_limit: float = 0.8) -> dict:
+    cm = CostModel.preset(preset)
+    cap = cm.token_capacity
+    pool = allowed_degrees(devices, cm)
+    lengths = sample_lengths(kind, seqs * batches, max_len=max_len, seed=seed).reshape(batches, seqs)
+    adaptive, per_batch, static = [], [], {d: 0.0 for d in pool}
+    for b in range(batches):
+        ls = lengths[b].tolist()
+        plan = plan_batch(ls, devices, cm, time_limit=time_limit)
+        adaptive.append(plan.predicted_time)
+        times = {}
+        for d in pool:
+            t = static_time(ls, devices, cm, d, cap)
+            try:
+                t = min(t, plan_batch(ls, devices, cm, degrees=(d,), solver="greedy").predicted_time)
+            except ValueError:
+                pass
+            times[d] = t
+            static[d] += t
+        per_batch.append(min(times.values()))
+    best_static = min(static, key=static.get)
+    t_ad, t_pb, t_st = sum(adaptive), sum(per_batch), static[best_static]
+    return {"part": "sim", "case": kind, "preset": preset, "devices": devices, "seqs": seqs, "batches": batches,
+            "max_len": max_len, "tokens_per_batch": float(lengths.sum() / batches),
+            "adaptive_s": t_ad / batches, "best_per_batch_s": t_pb / batches, "best_static_s": t_st / batches,
+            "best_static_degree": best_static, "speedup_vs_static": t_st / t_ad, "speedup_vs_per_batch": t_pb / t_ad}
+
+
+def planner_times(devices: int, *, seqs: int = 512, trials: int = 10, kind: str = "code", seed: int = 100,
+                  preset: str = "a100-80g-ib", time_limit: float = 0.8, solver: str = "milp") -> dict:
+    cm = CostModel.preset(preset)
+    times, statuses, mbs = [], [], []
+    for t in range(trials):
+        lengths = sample_lengths(kind, seqs, seed=seed + t).tolist()
+        start = time.perf_counter()
+        plan = plan_batch(lengths, devices, cm, time_limit=time_limit, solver=solver)
+        times.append(time.perf_counter() - start)
+        statuses += plan.extra.get("milp_status", [])
+        mbs.append(len(plan.micro_batches))
+    s = summarize(times)
+    optimal = sum(x == "optimal" for x in statuses)
+    return {"part": "planner", "case": f"{devices} devices", "devices": devices, "seqs": seqs, "solver": solver,
+            "time_limit": time_limit, **s, "milp_solves": len(statuses), "milp_optimal": optimal,
+            "micro_batches_mean": float(np.mean(mbs))}
+
+
+class AdaptiveSPScenario(Scenario):
+    name = "adaptive-sp"
+    help = "FlexSP adaptive SP: simulated speedup (a100 preset), planner time, real gloo run"
+    quick_args = ["--part", "sim,planner", "--batches", "1", "--planner-trials", "3", "--kinds", "code"]
+
+    def add_options(self, parser):
+        g = parser.add_argument_group("adaptive-sp")
+        g.add_argument("--part", default=None, help="comma list of sim, planner, real (default: by process count)")
+        g.add_argument("--preset", default="a100-80g-ib")
+        g.add_argument("--kinds", default="code,web,encyclopedia")
+        g.add_argument("--devices", type=int, default=64)
+        g.add_argument("--seqs", type=int, default=512)
+        g.add_argument("--batches", type=int, default=4)
+        g.add_argument("--max-len", type=int, default=192 * 1024)
+        g.add_argument("--time-limit", type=float, default=0.8)
+        g.add_argument("--planner-devices", default="64,256")
+        g.add_argument("--planner-trials", type=int, default=10)
+        g.add_argument("--real-steps", type=int, default=6)
+        g.add_argument("--real-docs", type=int, default=16, help="documents per global batch (real run)")
+        g.add_argument("--real-max-len", type=int, default=2048)
+        g.add_argument("--real-capacity", type=int, default=768, help="emulated activation tokens per device")
+
+    def run(self, ctx: BenchContext, options) -> list[dict]:
+        parts = (options.part or ("sim,planner" if ctx.world_size == 1 else "real")).split(",")
+        bad = set(parts) - {"sim", "planner", "real"}
+        if bad:
+            raise ValueError(f"--part {options.part!r}: unknown {sorted(bad)}; valid: sim, planner, real")
+        rows = []
+        if "sim" in parts and ctx.rank == 0:
+            for kind in options.kinds.split(","):
+                rows.append({"scenario": self.name, **simulate(
+                    kind, preset=options.preset, devices=options.devices, seqs=options.seqs,
+                    batches=options.batches, max_len=options.max_len, time_limit=options.time_limit)})
+                ctx.log(f"sim {kind}: {rows[-1]['speedup_vs_static']:.2f}x vs static, "
+                        f"{rows[-1]['speedup_vs_per_batch']:.2f}x vs per-batch") if hasattr(ctx, "log") else None
+        if "planner" in parts and ctx.rank == 0:
+            for n in (int(x) for x in options.planner_devices.split(",")):
+                rows.append({"scenario": self.name, **planner_times(
+                    n, seqs=options.seqs, trials=options.planner_trials, preset=options.preset,
+                    time_limit=options.time_limit)})
+        if "real" in parts:
+            from heddle.bench.scenarios._adaptive_sp_real import real_run
+
+            rows += [{"scenario": self.name, **r} for r in real_run(ctx, options)]
+        return rows
+
+
+SCENARIO = AdaptiveSPScenario()
