@@ -7,10 +7,11 @@
 Parts (``--part``, default: sim,planner on one process, real on several):
 - ``sim``: preset cost model (default a100-80g-ib), 64 devices, global batches of 512 sequences
   from each generated corpus (context up to 192K). Predicted step time of the adaptive plan vs the
-  best static Ulysses degree (one degree for every batch, DeepSpeed-style) vs the best single
-  degree chosen per batch. Static degrees are priced generously: each group accumulates its own
-  micro-batches with no barrier between them (the better of that and the planner restricted to
-  the degree), while the adaptive plan pays a barrier after every micro-batch.
+  best static Ulysses degree (one degree for every batch) vs the best single degree chosen per
+  batch, both priced generously: the sequences are balanced over the groups by work (LPT) and
+  each group accumulates its micro-batches without barriers, exactly like the planner's lanes.
+  ``deepspeed_*``: the static degree with DeepSpeed/Megatron data parallelism (equal sequence
+  counts per group in sampler order), what a static-SP framework does today.
 - ``planner``: wall time of ``plan_batch`` (default settings) at 64 and 256 devices, 512 sequences.
 - ``real``: the example GPT on variable-length byte documents over the launched processes, cost
   model calibrated here; measured time of the planned micro-batches (forward+backward) and of the
@@ -31,19 +32,28 @@ from heddle.sequence.adaptive import CostModel, plan_batch
 from heddle.sequence.adaptive.planner import allowed_degrees
 
 
-def static_time(lengths, num_devices: int, cm: CostModel, degree: int, capacity: int) -> float:
-    """One degree everywhere, no barriers: N/d groups, longest work first onto the least-loaded
-    group; each group runs its sequences in micro-batches of <= d*capacity tokens (first-fit
-    decreasing), paying the fixed overhead once per micro-batch. inf if a sequence does not fit."""
+def static_time(lengths, num_devices: int, cm: CostModel, degree: int, capacity: int, *,
+                balanced: bool = True) -> float:
+    """One degree everywhere, no barriers: N/d groups, each running its sequences in micro-batches
+    of <= d*capacity tokens (first-fit decreasing), paying the fixed overhead once per micro-batch.
+    ``balanced``: longest work first onto the least-loaded group (better than any framework does
+    today); else DeepSpeed/Megatron data parallelism: equal numbers of sequences per group in
+    sampler order. inf if a sequence does not fit."""
     if any(s > degree * capacity for s in lengths):
         return float("inf")
     groups = num_devices // degree
     load = np.zeros(groups)
     members = [[] for _ in range(groups)]
-    for s in sorted(lengths, reverse=True):
-        g = int(np.argmin(load))
-        load[g] += cm.work(s, degree)
-        members[g].append(s)
+    if balanced:
+        for s in sorted(lengths, reverse=True):
+            g = int(np.argmin(load))
+            load[g] += cm.work(s, degree)
+            members[g].append(s)
+    else:
+        for i, s in enumerate(lengths):
+            g = i * groups // len(lengths)
+            load[g] += cm.work(s, degree)
+            members[g].append(s)
     worst = 0.0
     for g in range(groups):
         bins: list[int] = []
@@ -64,27 +74,26 @@ def simulate(kind: str, *, preset: str = "a100-80g-ib", devices: int = 64, seqs:
     cap = cm.token_capacity
     pool = allowed_degrees(devices, cm)
     lengths = sample_lengths(kind, seqs * batches, max_len=max_len, seed=seed).reshape(batches, seqs)
-    adaptive, per_batch, static = [], [], {d: 0.0 for d in pool}
+    adaptive, per_batch = [], []
+    static, naive = {d: 0.0 for d in pool}, {d: 0.0 for d in pool}
     for b in range(batches):
         ls = lengths[b].tolist()
         plan = plan_batch(ls, devices, cm, time_limit=time_limit)
         adaptive.append(plan.predicted_time)
-        times = {}
+        times = {d: static_time(ls, devices, cm, d, cap) for d in pool}
         for d in pool:
-            t = static_time(ls, devices, cm, d, cap)
-            try:
-                t = min(t, plan_batch(ls, devices, cm, degrees=(d,), solver="greedy").predicted_time)
-            except ValueError:
-                pass
-            times[d] = t
-            static[d] += t
+            static[d] += times[d]
+            naive[d] += static_time(ls, devices, cm, d, cap, balanced=False)
         per_batch.append(min(times.values()))
     best_static = min(static, key=static.get)
-    t_ad, t_pb, t_st = sum(adaptive), sum(per_batch), static[best_static]
+    best_naive = min(naive, key=naive.get)
+    t_ad, t_pb, t_st, t_nv = sum(adaptive), sum(per_batch), static[best_static], naive[best_naive]
     return {"part": "sim", "case": kind, "preset": preset, "devices": devices, "seqs": seqs, "batches": batches,
             "max_len": max_len, "tokens_per_batch": float(lengths.sum() / batches),
             "adaptive_s": t_ad / batches, "best_per_batch_s": t_pb / batches, "best_static_s": t_st / batches,
-            "best_static_degree": best_static, "speedup_vs_static": t_st / t_ad, "speedup_vs_per_batch": t_pb / t_ad}
+            "best_static_degree": best_static, "deepspeed_static_s": t_nv / batches, "deepspeed_degree": best_naive,
+            "speedup_vs_static": t_st / t_ad, "speedup_vs_per_batch": t_pb / t_ad,
+            "speedup_vs_deepspeed": t_nv / t_ad}
 
 
 def planner_times(devices: int, *, seqs: int = 512, trials: int = 10, kind: str = "code", seed: int = 100,

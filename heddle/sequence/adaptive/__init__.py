@@ -10,7 +10,8 @@ the slowest group finishes as early as possible within memory.
 from heddle.sequence.adaptive.bucketing import Buckets, bucket_lengths
 from heddle.sequence.adaptive.cost_model import PRESETS, CostModel, min_degree_for
 from heddle.sequence.adaptive.plan import MicroBatch, Plan, layout_groups
-from heddle.sequence.adaptive.planner import plan_batch, split_micro_batches
+from heddle.sequence.adaptive.greedy import split_lane
+from heddle.sequence.adaptive.planner import plan_batch
 
 __all__ = ["Buckets", "bucket_lengths", "PRESETS", "CostModel", "min_degree_for", "MicroBatch", "Plan",
-           "layout_groups", "plan_batch", "split_micro_batches"]
+           "layout_groups", "plan_batch", "split_lane"]

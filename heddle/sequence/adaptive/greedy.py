@@ -1,98 +1,130 @@
-"""Greedy group assignment for one micro-batch: always valid, fast, and the MILP's warm start.
+"""Lanes, their micro-batches and their time; the greedy planner (always valid, the MILP's warm start).
 
-An assignment is a list of ``(degree, [sequence indices])``: one entry per group. Two heuristics,
-the better one wins:
+A *lane* is one sequence-parallel group that lives for the whole step: ``(degree, [sequence
+indices])``. A lane runs its sequences in micro-batches of at most ``degree * capacity`` tokens
+(memory, eq. 4), one after the other, so its time is
 
-- *Target-time packing* (bisection on the makespan C): sequences, longest first, go first-fit
-  into an open group (smallest degree first) whose time stays within C and memory within
-  capacity; otherwise they open a group of the smallest degree that runs them within C (small
-  groups waste the least on all-to-all). C is feasible when the groups use at most N devices.
-- *Homogeneous LPT*: for every allowed degree d, N/d groups, longest-processing-time-first.
+    T_lane = sum_k work(s_k, d) + n_micro * overhead(d)              (eqs. 2-3 summed over micro-batches)
+
+and the step time is the slowest lane (lanes own disjoint ranks, so nothing else waits). Two
+heuristics, the better one wins:
+
+- *Target-time packing* (bisection on the step time C): sequences, longest first, go first-fit
+  into an open lane (smallest degree first) that stays within C; otherwise they open a lane of the
+  smallest degree that runs them within C (small groups waste the least on all-to-all). C is
+  feasible when the lanes use at most N devices.
+- *Homogeneous LPT*: for every allowed degree d, N/d lanes, longest work first onto the least
+  loaded lane (DeepSpeed-style static Ulysses with gradient accumulation).
 """
 
 from __future__ import annotations
+
+import math
 
 from heddle.sequence.adaptive.cost_model import CostModel
 
 Assignment = list[tuple[int, list[int]]]
 
 
-def assignment_time(assignment: Assignment, lengths, cm: CostModel) -> float:
-    """Makespan: the slowest group's predicted time (eqs. 2-3)."""
-    return max((cm.group_time([lengths[k] for k in idx], d) for d, idx in assignment if idx), default=0.0)
+def split_lane(indices, lengths, degree: int, capacity: int) -> list[list[int]]:
+    """A lane's micro-batches: sorted longest first, each sequence onto the micro-batch with the
+    fewest tokens that has room (balanced); as few micro-batches as that packing allows."""
+    if not indices:
+        return []
+    cap = degree * capacity
+    total = sum(lengths[k] for k in indices)
+    count = max(1, math.ceil(total / cap))
+    order = sorted(indices, key=lambda k: -lengths[k])
+    while True:
+        tokens = [0] * count
+        parts: list[list[int]] = [[] for _ in range(count)]
+        for k in order:
+            m = min(range(count), key=lambda i: tokens[i])
+            if tokens[m] + lengths[k] > cap:
+                room = [i for i in range(count) if tokens[i] + lengths[k] <= cap]
+                if not room:
+                    break
+                m = room[0]
+            tokens[m] += lengths[k]
+            parts[m].append(k)
+        else:
+            return [p for p in parts if p]
+        count += 1
+
+
+def lane_time(indices, lengths, degree: int, capacity: int, cm: CostModel) -> float:
+    if not indices:
+        return 0.0
+    work = sum(cm.work(lengths[k], degree) for k in indices)
+    return work + len(split_lane(indices, lengths, degree, capacity)) * cm.overhead(degree)
+
+
+def assignment_time(assignment: Assignment, lengths, cm: CostModel, capacity: int) -> float:
+    """Step time: the slowest lane."""
+    return max((lane_time(idx, lengths, d, capacity, cm) for d, idx in assignment if idx), default=0.0)
 
 
 def homogeneous_lpt(indices, lengths, num_devices: int, cm: CostModel, degree: int,
                     capacity: int) -> Assignment | None:
-    """N/d groups of ``degree``; longest work first onto the least-loaded group with room.
-    None if some sequence does not fit."""
-    groups = num_devices // degree
-    if groups < 1:
+    """N/d lanes of ``degree``; longest work first onto the least-loaded lane. None if a
+    sequence does not fit the degree's memory."""
+    lanes = num_devices // degree
+    if lanes < 1 or any(lengths[k] > degree * capacity for k in indices):
         return None
-    load = [0.0] * groups
-    tokens = [0] * groups
-    members: list[list[int]] = [[] for _ in range(groups)]
-    cap = degree * capacity
+    load = [0.0] * lanes
+    members: list[list[int]] = [[] for _ in range(lanes)]
     for k in sorted(indices, key=lambda k: -lengths[k]):
-        s = lengths[k]
-        best = None
-        for g in range(groups):
-            if tokens[g] + s <= cap and (best is None or load[g] < load[best]):
-                best = g
-        if best is None:
-            return None
-        load[best] += cm.work(s, degree)
-        tokens[best] += s
-        members[best].append(k)
+        g = min(range(lanes), key=lambda g: load[g])
+        load[g] += cm.work(lengths[k], degree)
+        members[g].append(k)
     return [(degree, m) for m in members if m]
 
 
-def _pack_at(target: float, order, lengths, num_devices: int, cm: CostModel, degrees, capacity: int,
-             work) -> Assignment | None:
-    """Pack every sequence into groups of time <= target using at most num_devices; or None."""
-    bins: dict[int, list[list]] = {d: [] for d in degrees}  # degree -> [[time, tokens, members]]
+def _pack_at(target, order, lengths, num_devices, cm, degrees, capacity, work) -> Assignment | None:
+    lanes: dict[int, list[list]] = {d: [] for d in degrees}  # degree -> [[work, tokens, members]]
     used = 0
+
+    def estimate(d, w, tokens):
+        return w + cm.overhead(d) * math.ceil(tokens / (d * capacity))
+
     for k in order:
         s = lengths[k]
-        fitting = [d for d in degrees if s <= d * capacity and work[k][d] + cm.overhead(d) <= target]
+        fitting = [d for d in degrees if s <= d * capacity and estimate(d, work[k][d], s) <= target]
         if not fitting:
             return None
         placed = False
-        for d in fitting:  # first fit into an open group, smallest degree first
-            w = work[k][d]
-            for b in bins[d]:
-                if b[0] + w <= target and b[1] + s <= d * capacity:
-                    b[0] += w
-                    b[1] += s
-                    b[2].append(k)
+        for d in fitting:
+            for lane in lanes[d]:
+                if estimate(d, lane[0] + work[k][d], lane[1] + s) <= target:
+                    lane[0] += work[k][d]
+                    lane[1] += s
+                    lane[2].append(k)
                     placed = True
                     break
             if placed:
                 break
-        if not placed:  # open a group of the smallest degree that runs it within the target
+        if not placed:
             d = fitting[0]
             used += d
             if used > num_devices:
                 return None
-            bins[d].append([cm.overhead(d) + work[k][d], s, [k]])
-    return [(d, b[2]) for d in degrees for b in bins[d]]
+            lanes[d].append([work[k][d], s, [k]])
+    return [(d, lane[2]) for d in degrees for lane in lanes[d]]
 
 
 def target_packing(indices, lengths, num_devices: int, cm: CostModel, degrees, capacity: int,
                    iterations: int = 30) -> Assignment | None:
-    """Bisection on the makespan with :func:`_pack_at`; None when no target works."""
+    """Bisection on the step time with first-fit lanes; None when no target works."""
     degrees = sorted(d for d in degrees if d <= num_devices)
     if not degrees or not indices:
         return None
-    order = sorted(indices, key=lambda k: -lengths[k])
-    work = {k: {d: cm.work(lengths[k], d) for d in degrees} for k in indices}
-    # lower bound: the slowest single sequence at its best degree; upper bound: everything serial
-    lo = max(min(work[k][d] + cm.overhead(d) for d in degrees if lengths[k] <= d * capacity)
-             if any(lengths[k] <= d * capacity for d in degrees) else float("inf") for k in indices)
-    if lo == float("inf"):
+    fits = {k: [d for d in degrees if lengths[k] <= d * capacity] for k in indices}
+    if any(not f for f in fits.values()):
         return None
-    hi = sum(min(work[k].values()) for k in indices) + max(cm.overhead(d) for d in degrees)
-    hi = max(hi, lo) * 2
+    order = sorted(indices, key=lambda k: -lengths[k])
+    work = {k: {d: cm.work(lengths[k], d) for d in fits[k]} for k in indices}
+    lo = max(min(work[k][d] + cm.overhead(d) for d in fits[k]) for k in indices)
+    hi = sum(max(work[k].values()) + max(cm.overhead(d) for d in fits[k]) for k in indices) + lo
     best = _pack_at(hi, order, lengths, num_devices, cm, degrees, capacity, work)
     if best is None:
         return None
@@ -108,12 +140,13 @@ def target_packing(indices, lengths, num_devices: int, cm: CostModel, degrees, c
     return best
 
 
-def greedy_assignment(indices, lengths, num_devices: int, cm: CostModel, degrees,
-                      capacity: int) -> Assignment | None:
+def greedy_assignment(indices, lengths, num_devices: int, cm: CostModel, degrees, capacity: int,
+                      with_homogeneous: bool = True) -> Assignment | None:
     """The better of target-time packing and every homogeneous LPT; None if nothing fits."""
     candidates = [target_packing(indices, lengths, num_devices, cm, degrees, capacity)]
-    candidates += [homogeneous_lpt(indices, lengths, num_devices, cm, d, capacity) for d in degrees]
+    if with_homogeneous:
+        candidates += [homogeneous_lpt(indices, lengths, num_devices, cm, d, capacity) for d in degrees]
     valid = [c for c in candidates if c is not None]
     if not valid:
         return None
-    return min(valid, key=lambda a: assignment_time(a, lengths, cm))
+    return min(valid, key=lambda a: assignment_time(a, lengths, cm, capacity))

@@ -1,22 +1,27 @@
-"""The FlexSP mixed-integer program for one micro-batch, solved with HiGHS (highspy).
+"""The FlexSP mixed-integer program over lanes, solved with HiGHS (highspy).
 
-Over Q buckets (representative length s_hat_q, count c_q, minimum degree mindeg_q) and candidate
-group slots g (degree d_g, K_d slots per degree, K_d <= N/d):
+FlexSP plans each micro-batch separately and sums their makespans. heddle plans the whole step
+at once: a lane (group) keeps its ranks for the step and runs its sequences in n_g micro-batches
+of at most d_g * cap tokens, so memory (eq. 4) bounds each micro-batch and the time adds up per
+lane. Over Q buckets (representative length s_hat_q, count c_q, minimum degree mindeg_q) and
+candidate lane slots g (degree d_g, K_d <= N/d slots per degree):
 
     minimise C
-    s.t.  sum_g d_g m_g                          <= N          (devices; m_g in {0,1}: slot used)
-          sum_g x_qg                             =  c_q        (each sequence exactly once)
-          b_{d_g} m_g + sum_q t_q(d_g) x_qg      <= C          (makespan, eqs. 2-3 with t_q(d)
-                                                                 = cm.work(s_hat_q, d))
-          sum_q s_hat_q x_qg                     <= d_g cap m_g (memory, eq. 4; also forces m_g=1
-                                                                 whenever the slot holds anything)
-          x_qg = 0 where d_g < mindeg_q                         (minimum degree)
-          m_{d,j} >= m_{d,j+1},  load_{d,j} >= load_{d,j+1}     (symmetry breaking within a degree)
+    s.t.  sum_g d_g m_g                          <= N            (devices; m_g in {0,1}: lane used)
+          sum_g x_qg                             =  c_q          (each sequence exactly once)
+          b_{d_g} n_g + sum_q t_q(d_g) x_qg      <= C            (step time, eqs. 2-3 with
+                                                                   t_q(d) = cm.work(s_hat_q, d))
+          sum_q s_hat_q x_qg                     <= d_g cap n_g  (memory per micro-batch, eq. 4)
+          n_g <= n_max m_g                                        (micro-batches only in used lanes)
+          x_qg = 0 where d_g < mindeg_q                           (minimum degree)
+          m_{d,j} >= m_{d,j+1},  load_{d,j} >= load_{d,j+1}       (symmetry breaking within a degree)
 
-x_qg integer in [0, c_q]. Groups of one degree are interchangeable, so slots are ordered; any
-multiset of power-of-two degrees with sum <= N can be laid out as aligned rank ranges (largest
-first), so the program need not place groups. Warm-started from the greedy plan; a time limit
-returns the incumbent.
+x_qg integer in [0, c_q], n_g integer. The memory row counts tokens, not the packing of whole
+sequences into micro-batches: the plan's real micro-batches come from :func:`split_lane` and the
+planner re-prices them (one more micro-batch is possible when sequences do not pack). Lanes of
+one degree are interchangeable, so slots are ordered; any multiset of power-of-two degrees with
+sum <= N lays out as aligned rank ranges (largest first). Warm-started from the greedy plan; a
+time limit returns the incumbent.
 """
 
 from __future__ import annotations
@@ -35,12 +40,12 @@ from heddle.sequence.adaptive.cost_model import CostModel, min_degree_for
 class MilpResult:
     assignment: list[tuple[int, list[int]]] | None  # (degree, sequence indices) per used group
     status: str           # "optimal" | "time_limit" | "infeasible" | HiGHS status text
-    objective: float      # makespan over bucket representatives
+    objective: float      # step time over bucket representatives (token-count micro-batches)
     gap: float
     solve_time: float
 
 
-def solve_microbatch(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capacity: int, *,
+def solve_lanes(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capacity: int, *,
                      warm_start: list[tuple[int, list[int]]] | None = None, time_limit: float = 1.0,
                      mip_rel_gap: float = 1e-3) -> MilpResult:
     start = time.perf_counter()
@@ -53,11 +58,14 @@ def solve_microbatch(buckets: Buckets, num_devices: int, cm: CostModel, degrees,
         eligible = [q for q in range(nq) if mindeg[q] <= d]
         k = min(num_devices // d, sum(counts[q] for q in eligible))
         slots.extend((d, eligible) for _ in range(k))
-    # columns: per slot m_g then x_qg (eligible q); C last
-    col_of_m, col_of_x, lower, upper, integ = [], {}, [], [], []
+    # columns: per slot m_g, n_g, then x_qg (eligible q); C last
+    col_of_m, col_of_n, n_max, col_of_x, lower, upper, integ = [], [], [], {}, [], [], []
     for g, (d, eligible) in enumerate(slots):
         col_of_m.append(len(lower))
         lower.append(0.0), upper.append(1.0), integ.append(1)
+        n_max.append(float(-(-sum(reps[q] * counts[q] for q in eligible) // (d * capacity))))
+        col_of_n.append(len(lower))
+        lower.append(0.0), upper.append(n_max[-1]), integ.append(1)
         for q in eligible:
             col_of_x[(q, g)] = len(lower)
             lower.append(0.0), upper.append(float(counts[q])), integ.append(1)
@@ -81,10 +89,11 @@ def solve_microbatch(buckets: Buckets, num_devices: int, cm: CostModel, degrees,
                 float(counts[q]), float(counts[q]))
     work = {(q, d): cm.work(reps[q], d) for q in range(nq) for d in degrees}
     for g, (d, eligible) in enumerate(slots):
-        add_row([(col_of_m[g], cm.overhead(d))] + [(col_of_x[(q, g)], work[(q, d)]) for q in eligible]
+        add_row([(col_of_n[g], cm.overhead(d))] + [(col_of_x[(q, g)], work[(q, d)]) for q in eligible]
                 + [(col_c, -1.0)], -inf, 0.0)
-        add_row([(col_of_x[(q, g)], float(reps[q])) for q in eligible] + [(col_of_m[g], -float(d * capacity))],
+        add_row([(col_of_x[(q, g)], float(reps[q])) for q in eligible] + [(col_of_n[g], -float(d * capacity))],
                 -inf, 0.0)
+        add_row([(col_of_n[g], 1.0), (col_of_m[g], -n_max[g])], -inf, 0.0)
         if g + 1 < len(slots) and slots[g + 1][0] == d:
             add_row([(col_of_m[g], 1.0), (col_of_m[g + 1], -1.0)], 0.0, inf)
             add_row([(col_of_x[(q, g)], work[(q, d)]) for q in eligible]
@@ -108,7 +117,7 @@ def solve_microbatch(buckets: Buckets, num_devices: int, cm: CostModel, degrees,
     h.setOptionValue("mip_rel_gap", float(mip_rel_gap))
     h.passModel(lp)
     if warm_start is not None:
-        x0 = _warm_values(warm_start, buckets, slots, col_of_m, col_of_x, col_c, ncol, cm, work)
+        x0 = _warm_values(warm_start, buckets, slots, col_of_m, col_of_n, col_of_x, col_c, ncol, cm, work, capacity)
         if x0 is not None:
             sol = highspy.HighsSolution()
             sol.col_value = list(x0)
@@ -140,7 +149,7 @@ def solve_microbatch(buckets: Buckets, num_devices: int, cm: CostModel, degrees,
     return MilpResult(assignment, name, float(values[col_c]), float(info.mip_gap), elapsed)
 
 
-def _warm_values(assignment, buckets, slots, col_of_m, col_of_x, col_c, ncol, cm, work):
+def _warm_values(assignment, buckets, slots, col_of_m, col_of_n, col_of_x, col_c, ncol, cm, work, capacity):
     """The greedy plan as a column vector (HiGHS checks it against the bucketed constraints)."""
     bucket_of = {k: q for q, m in enumerate(buckets.members) for k in m}
     x = np.zeros(ncol)
@@ -158,11 +167,15 @@ def _warm_values(assignment, buckets, slots, col_of_m, col_of_x, col_c, ncol, cm
             return None
         g = free[d].pop(0)
         x[col_of_m[g]] = 1.0
+        tokens = 0
         for k in idx:
             q = bucket_of[k]
             if (q, g) not in col_of_x:
                 return None
             x[col_of_x[(q, g)]] += 1
-        makespan = max(makespan, load + cm.overhead(d))
+            tokens += buckets.lengths[q]
+        n = -(-tokens // (d * capacity))
+        x[col_of_n[g]] = n
+        makespan = max(makespan, load + n * cm.overhead(d))
     x[col_c] = makespan
     return x

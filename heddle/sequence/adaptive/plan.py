@@ -1,8 +1,10 @@
-"""A plan: per micro-batch, which aligned rank range runs which sequences, and why.
+"""A plan: which aligned rank range (lane) runs which sequences, in which micro-batches, and why.
 
 ``Plan.groups`` is the flat list ``[(ranks, [sequence indices]), ...]`` over all micro-batches;
-``Plan.micro_batches[i].groups`` the same for micro-batch i (run one after the other). A plan is
-plain data: ``to_dict``/``from_dict`` round-trip through JSON (rank 0 broadcasts it).
+``Plan.micro_batches[i].groups`` holds every lane's i-th micro-batch (a lane with fewer idles).
+Lanes own disjoint ranks and do not wait for each other between micro-batches, so the predicted
+step time is the slowest lane's (``Plan.lanes()``, ``extra["lane_times"]``). A plan is plain
+data: ``to_dict``/``from_dict`` round-trip through JSON (rank 0 broadcasts it).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Plan:
     lengths: list[int]
     micro_batches: list[MicroBatch]
     predicted_time: float
-    solver: str                 # "milp" | "greedy" | "homogeneous"
+    solver: str                 # "milp" | "greedy" | "homogeneous" | "manual"
     status: str                 # solver status: "optimal", "time_limit", "greedy", ...
     solve_time: float
     gap: float = float("nan")   # MILP relative gap of the last solve (nan for greedy)
@@ -98,28 +100,32 @@ class Plan:
                 seen.extend(idx)
         assert sorted(seen) == list(range(len(self.lengths))), "sequences not assigned exactly once"
 
+    def lanes(self) -> list[tuple[tuple[int, ...], list[list[int]]]]:
+        """Per rank range: its micro-batches (sequence indices), in order."""
+        out: dict[tuple[int, ...], list[list[int]]] = {}
+        for mb in self.micro_batches:
+            for ranks, idx in mb.groups:
+                out.setdefault(ranks, []).append(idx)
+        return sorted(out.items(), key=lambda item: item[0][0])
+
     def table(self, max_rows: int = 40) -> str:
-        """A readable account of the plan: one line per group, then the totals and the baseline."""
+        """A readable account of the plan: one line per lane, then the totals and the baseline."""
         lines = [f"plan for {len(self.lengths)} sequences ({sum(self.lengths):,} tokens) on "
                  f"{self.num_devices} devices, cost model {self.cost_model!r}",
-                 f"{'mb':>3} {'ranks':>11} {'deg':>4} {'seqs':>5} {'tokens':>10} {'longest':>8} "
-                 f"{'time s':>9}"]
-        rows, total = 0, len(self.groups)
-        for i, mb in enumerate(self.micro_batches):
-            for ranks, idx in sorted(mb.groups, key=lambda g: g[0][0]):
-                rows += 1
-                if rows > max_rows:
-                    continue
-                toks = [self.lengths[k] for k in idx]
-                t = self.extra.get("group_times", {}).get(f"{i}:{ranks[0]}", float("nan"))
-                lines.append(f"{i:>3} {f'{ranks[0]}-{ranks[-1]}':>11} {len(ranks):>4} {len(idx):>5} "
-                             f"{sum(toks):>10,} {max(toks):>8,} {t:>9.3f}")
-            lines.append(f"{i:>3} {'micro-batch':>11} {'':>4} {'':>5} {'':>10} {'':>8} {mb.predicted_time:>9.3f}")
-        if total > max_rows:
-            lines.append(f"({total - max_rows} of {total} group rows not shown)")
-        lines.append(f"predicted step time {self.predicted_time:.3f} s over {len(self.micro_batches)} "
-                     f"micro-batch(es); solver {self.solver} ({self.status}), {self.solve_time * 1e3:.0f} ms"
-                     + (f", gap {self.gap:.2%}" if self.gap == self.gap else ""))
+                 f"{'ranks':>11} {'deg':>4} {'seqs':>5} {'tokens':>11} {'longest':>8} {'micro':>5} {'time s':>9}"]
+        lanes = self.lanes()
+        for ranks, parts in lanes[:max_rows]:
+            toks = [self.lengths[k] for idx in parts for k in idx]
+            t = self.extra.get("lane_times", {}).get(f"{ranks[0]}", float("nan"))
+            lines.append(f"{f'{ranks[0]}-{ranks[-1]}':>11} {len(ranks):>4} {len(toks):>5} {sum(toks):>11,} "
+                         f"{max(toks):>8,} {len(parts):>5} {t:>9.3f}")
+        if len(lanes) > max_rows:
+            lines.append(f"({len(lanes) - max_rows} of {len(lanes)} lanes not shown)")
+        used = sum(len(r) for r, _ in lanes)
+        lines.append(f"predicted step time {self.predicted_time:.3f} s (slowest lane), {len(lanes)} lanes on "
+                     f"{used}/{self.num_devices} devices, up to {len(self.micro_batches)} micro-batch(es); "
+                     f"solver {self.solver} ({self.status}), {self.solve_time * 1e3:.0f} ms"
+                     + (f", gap {self.gap:.2%}" if self.gap == self.gap and self.gap != float("inf") else ""))
         if self.baseline_degree:
             lines.append(f"best homogeneous plan: degree {self.baseline_degree}, {self.baseline_time:.3f} s "
                          f"-> adaptive speedup {self.baseline_time / self.predicted_time:.2f}x")

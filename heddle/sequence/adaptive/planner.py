@@ -1,24 +1,30 @@
-"""``plan_batch``: split a global batch into micro-batches and each into mixed SP groups.
+"""``plan_batch``: split the devices into lanes (sequence-parallel groups of power-of-two sizes
+that keep their ranks for the step) and give every sequence of the global batch to one lane.
 
-FlexSP (Sec. 5): sort the sequences, split them into M balanced micro-batches for M in
-M_min .. M_min + extra (M_min from total memory), plan every micro-batch, keep the M with the
-smallest total (micro-batches run one after the other, so the step time is the sum of their
-makespans). Every micro-batch gets the greedy plan first; with ``solver="milp"`` the chosen M's
-micro-batches are then solved exactly over DP buckets (warm-started from greedy, bounded by the
-remaining time budget, incumbent accepted) and the better plan, evaluated on the real lengths,
-is kept. The best homogeneous plan (one degree everywhere) is computed the same way: it is the
-baseline in the plan's table and a candidate, so the result is never predicted slower than it.
+Each lane runs its sequences in micro-batches that fit its memory (sorted, balanced:
+:func:`split_lane`), so the step time is the slowest lane's sum (see :mod:`.greedy`). The greedy
+plan comes first (always valid); with ``solver="milp"`` the exact program over DP buckets
+(:mod:`.milp`) is warm-started from the greedy plan on the bucket representatives and bounded by
+what is left of ``time_limit`` (incumbent accepted); the better plan on the real lengths wins.
+The best homogeneous plan (one degree for every lane, DeepSpeed-style static Ulysses with
+accumulation) is priced the same way: it is the baseline in the plan's table and a candidate, so
+the result is never predicted slower than it.
+
+Deviation from FlexSP, on purpose: FlexSP re-plans the groups for every micro-batch and adds up
+the micro-batches' makespans, a barrier after each. With memory forcing several micro-batches and
+one long sequence dominating each, those barriers cost more than re-grouping gains; lanes
+accumulate independently like static SP does and still mix degrees.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 from heddle.sequence.adaptive.bucketing import bucket_lengths
 from heddle.sequence.adaptive.cost_model import CostModel, min_degree_for
-from heddle.sequence.adaptive.greedy import assignment_time, greedy_assignment
-from heddle.sequence.adaptive.milp import solve_microbatch
+from heddle.sequence.adaptive.greedy import (assignment_time, greedy_assignment, homogeneous_lpt, lane_time,
+                                             split_lane)
+from heddle.sequence.adaptive.milp import solve_lanes
 from heddle.sequence.adaptive.plan import MicroBatch, Plan, layout_groups
 
 
@@ -47,63 +53,13 @@ def allowed_degrees(num_devices: int, cm: CostModel, degrees=None) -> list[int]:
     return sorted(set(int(d) for d in degrees))
 
 
-def split_micro_batches(lengths, num_micro: int, token_budget: int, cm: CostModel) -> list[list[int]] | None:
-    """Longest work first onto the micro-batch with the least work that has token room."""
-    work = [0.0] * num_micro
-    tokens = [0] * num_micro
-    out: list[list[int]] = [[] for _ in range(num_micro)]
-    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        s = lengths[k]
-        room = [m for m in range(num_micro) if tokens[m] + s <= token_budget]
-        if not room:
-            return None
-        m = min(room, key=lambda m: work[m])
-        work[m] += cm.a1 * s * s + cm.a2 * s
-        tokens[m] += s
-        out[m].append(k)
-    return out if all(out) else None
-
-
-def _search(lengths, num_devices, cm, degrees, capacity, micro_batches, extra):
-    """[(total greedy time, [assignment per micro-batch])] for the candidate micro-batch counts."""
-    total_tokens = sum(lengths)
-    budget = num_devices * capacity
-    if max(min_degree_for(s, capacity) for s in lengths) > max(degrees):
-        return []  # some sequence needs a bigger group than the allowed degrees give
-    if micro_batches == "auto":
-        first = max(1, math.ceil(total_tokens / budget))
-        candidates, m = [], first
-        # fragmentation can make M_min infeasible; look a bounded way further
-        while len(candidates) <= extra and m <= min(len(lengths), first + 4 * (extra + 4)):
-            found = _try(lengths, m, num_devices, cm, degrees, capacity, budget)
-            if found is not None:
-                candidates.append(found)
-            m += 1
-        return candidates
-    found = _try(lengths, micro_batches, num_devices, cm, degrees, capacity, budget)
-    return [found] if found is not None else []
-
-
-def _try(lengths, m, num_devices, cm, degrees, capacity, budget):
-    parts = split_micro_batches(lengths, m, budget, cm)
-    if parts is None:
-        return None
-    assignments = []
-    for idx in parts:
-        a = greedy_assignment(idx, lengths, num_devices, cm, degrees, capacity)
-        if a is None:
-            return None
-        assignments.append(a)
-    return sum(assignment_time(a, lengths, cm) for a in assignments), assignments
-
-
 def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_per_device: int | None = None,
-               time_limit: float = 0.8, micro_batches="auto", num_buckets: int = 16, solver: str = "milp",
-               degrees=None, extra_micro_batches: int = 3, mip_rel_gap: float = 1e-3) -> Plan:
+               time_limit: float = 0.8, num_buckets: int = 16, solver: str = "milp",
+               degrees=None, mip_rel_gap: float = 1e-3) -> Plan:
     """Plan one global batch of sequences (``lengths[k]`` tokens) on ``num_devices`` devices.
 
     ``max_tokens_per_device``: activation tokens per device (default: the cost model's memory
-    capacity; the smaller of the two is used). ``micro_batches``: "auto" or a fixed count.
+    capacity; the smaller of the two is used).
     ``solver``: "milp" (HiGHS, greedy warm start) or "greedy". ``degrees``: restrict the group
     sizes (e.g. ``(4,)`` for a homogeneous plan). ``time_limit``: seconds for the whole call; the
     MILP gets what the greedy search leaves (the greedy plan is always there to fall back on).
@@ -116,10 +72,6 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
         raise ValueError(f"solver={solver!r}: valid are 'milp', 'greedy'")
     if not time_limit > 0:
         raise ValueError(f"time_limit={time_limit} must be positive (seconds)")
-    if micro_batches != "auto" and (not isinstance(micro_batches, int) or micro_batches < 1):
-        raise ValueError(f"micro_batches={micro_batches!r} must be 'auto' or a positive integer")
-    if extra_micro_batches < 0:
-        raise ValueError(f"extra_micro_batches={extra_micro_batches} must be >= 0")
     capacity = cost_model.token_capacity
     if max_tokens_per_device is not None:
         if max_tokens_per_device < 1:
@@ -131,56 +83,51 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
         raise ValueError(f"{len(too_long)} sequence(s) cannot fit even on the largest group ({pool[-1]} "
                          f"devices x {capacity} tokens = {pool[-1] * capacity} tokens): (index, length) "
                          f"{too_long[:5]}; use more devices, shorter sequences or less memory per token")
-    candidates = _search(lengths, num_devices, cost_model, pool, capacity, micro_batches, extra_micro_batches)
-    if not candidates:
-        raise ValueError(f"no valid plan for {len(lengths)} sequences in micro_batches={micro_batches!r} on "
-                         f"{num_devices} devices with capacity {capacity} tokens/device")
-    best_total, best = min(candidates, key=lambda c: c[0])
+    everyone = list(range(len(lengths)))
+    best = greedy_assignment(everyone, lengths, num_devices, cost_model, pool, capacity)
+    if best is None:
+        raise ValueError(f"no valid plan for {len(lengths)} sequences on {num_devices} devices with capacity "
+                         f"{capacity} tokens/device and degrees {pool}")
+    best_time = assignment_time(best, lengths, cost_model, capacity)
     base_time, base_degree, base = float("nan"), 0, None
     for d in pool:
-        found = _search(lengths, num_devices, cost_model, [d], capacity, micro_batches, extra_micro_batches)
-        if found:
-            t, a = min(found, key=lambda c: c[0])
+        a = homogeneous_lpt(everyone, lengths, num_devices, cost_model, d, capacity)
+        if a is not None:
+            t = assignment_time(a, lengths, cost_model, capacity)
             if base is None or t < base_time:
                 base_time, base_degree, base = t, d, a
     solver_used, status, gap = "greedy", "greedy", float("nan")
-    statuses = []
-    if solver == "milp":
-        improved = []
-        for i, assignment in enumerate(best):
-            remaining = time_limit - (time.perf_counter() - start)
-            if remaining < 5e-3:  # budget spent: keep the greedy plan for the rest
-                statuses.append("skipped")
-                improved.append(assignment)
-                continue
-            idx = [k for _, members in assignment for k in members]
-            buckets = bucket_lengths([lengths[k] for k in idx], num_buckets)
-            buckets.members = [[idx[j] for j in m] for m in buckets.members]
-            # warm start: greedy on the bucket representatives (valid for the program as well)
-            rounded = {k: rep for rep, m in zip(buckets.lengths, buckets.members) for k in m}
-            warm = greedy_assignment(idx, rounded, num_devices, cost_model, pool, capacity)
-            result = solve_microbatch(buckets, num_devices, cost_model, pool, capacity, warm_start=warm,
-                                      time_limit=max(remaining / (len(best) - i), 1e-3), mip_rel_gap=mip_rel_gap)
-            status, gap = result.status, result.gap
-            statuses.append(result.status)
-            for candidate in (warm, result.assignment):
-                if candidate is not None and (assignment_time(candidate, lengths, cost_model)
-                                              < assignment_time(assignment, lengths, cost_model)):
-                    assignment = candidate
-            improved.append(assignment)
-        best = improved
-        best_total = sum(assignment_time(a, lengths, cost_model) for a in best)
-        solver_used = "milp"
-    if base is not None and base_time < best_total:
-        best, best_total, solver_used = base, base_time, "homogeneous"
-    mbs, group_times = [], {}
-    for i, assignment in enumerate(best):
-        ranks = layout_groups([d for d, _ in assignment])
-        groups = [(r, sorted(members)) for r, (_, members) in zip(ranks, assignment)]
-        for r, members in groups:
-            group_times[f"{i}:{r[0]}"] = cost_model.group_time([lengths[k] for k in members], len(r))
-        mbs.append(MicroBatch(groups, assignment_time(assignment, lengths, cost_model)))
-    return Plan(num_devices=num_devices, lengths=lengths, micro_batches=mbs, predicted_time=best_total,
+    remaining = time_limit - (time.perf_counter() - start)
+    if solver == "milp" and remaining < 5e-3:
+        status = "skipped"  # the greedy search spent the budget
+    elif solver == "milp":
+        buckets = bucket_lengths(lengths, num_buckets)
+        rounded = [0] * len(lengths)
+        for rep, members in zip(buckets.lengths, buckets.members):
+            for k in members:
+                rounded[k] = rep
+        # warm start: greedy on the bucket representatives (valid for the program as well)
+        warm = greedy_assignment(everyone, rounded, num_devices, cost_model, pool, capacity, with_homogeneous=False)
+        remaining = time_limit - (time.perf_counter() - start)
+        result = solve_lanes(buckets, num_devices, cost_model, pool, capacity, warm_start=warm,
+                             time_limit=max(remaining, 1e-3), mip_rel_gap=mip_rel_gap)
+        status, gap, solver_used = result.status, result.gap, "milp"
+        for candidate in (warm, result.assignment):
+            if candidate is not None:
+                t = assignment_time(candidate, lengths, cost_model, capacity)
+                if t < best_time:
+                    best, best_time = candidate, t
+    if base is not None and base_time < best_time:
+        best, best_time, solver_used = base, base_time, "homogeneous"
+    ranks = layout_groups([d for d, _ in best])
+    lanes = [(r, split_lane(members, lengths, d, capacity)) for r, (d, members) in zip(ranks, best)]
+    group_times = {f"{r[0]}": lane_time(sum(parts, []), lengths, len(r), capacity, cost_model) for r, parts in lanes}
+    mbs = []
+    for i in range(max(len(parts) for _, parts in lanes)):
+        groups = [(r, sorted(parts[i])) for r, parts in lanes if i < len(parts)]
+        mbs.append(MicroBatch(groups, max(cost_model.group_time([lengths[k] for k in idx], len(r))
+                                          for r, idx in groups)))
+    return Plan(num_devices=num_devices, lengths=lengths, micro_batches=mbs, predicted_time=best_time,
                 solver=solver_used, status=status, solve_time=time.perf_counter() - start, gap=gap,
                 baseline_time=base_time, baseline_degree=base_degree, cost_model=cost_model.name,
-                extra={"group_times": group_times, "capacity": capacity, "milp_status": statuses})
+                extra={"lane_times": group_times, "capacity": capacity})

@@ -1,0 +1,126 @@
+"""Measure the cost model's constants on this machine and model (FlexSP, Sec. 4: "profiled").
+
+- compute: forward+backward of the whole model on one packed sequence at a few lengths on every
+  rank at once (so contention is what training sees); ``a1 s^2 + a2 s + b1`` fitted by
+  non-negative least squares to the mean over ranks.
+- all-to-all: for every cached group size d > 1, every rank times ``all_to_all_single`` in its
+  aligned group at two payloads; ``t = latency + bytes_out / v_d`` gives v_d and the latency
+  (b2 = latency x the 4 all-to-alls per layer per micro-batch, forward and backward).
+- a3: bytes one token sends through Ulysses' all-to-alls, counted from the attention modules
+  (q, k, v and output, forward and backward) -- exact, not fitted.
+- memory: bytes autograd saves for backward per token (``saved_tensors_hooks`` at the longest
+  length); static = parameters x 16 bytes (fp32 weights, gradients, Adam's two moments).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+import heddle.dist as hd
+from heddle.sequence.adaptive.cost_model import CostModel
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if all(hasattr(m, a) for a in ("n_heads", "n_kv_heads", "head_dim"))]
+
+
+def ulysses_bytes_per_token(model, element_size: int | None = None) -> float:
+    """a3: all-to-all bytes per token over the whole model, forward + backward."""
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError(f"{type(model).__name__} has no attention module with n_heads, n_kv_heads and "
+                         f"head_dim; pass a3= to calibrate()")
+    elt = element_size or next(model.parameters()).element_size()
+    return float(sum(2 * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim * elt for m in mods))
+
+
+def _time_model(model, length: int, vocab: int, repeats: int) -> tuple[float, float]:
+    """(median seconds of fwd+bwd, saved bytes per token) on one sequence of ``length``."""
+    g = torch.Generator().manual_seed(length)
+    tokens = torch.randint(0, vocab, (1, length), generator=g)
+    cu = torch.tensor([0, length])
+    pos = torch.arange(length)[None]
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    times = []
+    for i in range(repeats + 1):
+        saved[0] = 0
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(tokens, position_ids=pos, cu_seqlens=cu)
+        out.float().square().mean().backward()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return float(np.median(times)), saved[0] / length
+
+
+def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int = 3, vocab: int | None = None,
+              payload_bytes=(1 << 14, 1 << 20), device_bytes: float | None = None, a3: float | None = None,
+              name: str = "calibrated") -> CostModel:
+    """Collective over ``group_pool.parent``. ``model`` must already run under Ulysses modules whose
+    group is a one-rank group (as :class:`AdaptiveExecutor` leaves it) or plain local attention."""
+    if len(lengths) < 3:
+        raise ValueError(f"lengths={lengths}: need at least 3 lengths to fit a1, a2, b1")
+    group = group_pool.parent
+    _, world = hd.group_rank_size(group)
+    vocab = vocab or getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError("vocab=None and the model has no config.vocab_size: pass vocab=")
+    samples = [_time_model(model, int(s), vocab, repeats) for s in lengths]
+    t = torch.tensor([x[0] for x in samples], dtype=torch.float64)
+    if world > 1:
+        hd.all_reduce(t, group=group)
+        t /= world
+    s = np.asarray(lengths, dtype=np.float64)
+    design = np.stack([s * s, s, np.ones_like(s)], axis=1)
+    (a1, a2, b1), _ = nnls(design, t.numpy())
+    fit = design @ np.array([a1, a2, b1])
+    compute_err = float(np.max(np.abs(fit - t.numpy()) / t.numpy()))
+    bandwidth, latencies = {}, []
+    rank = group_pool.ranks.index(torch.distributed.get_rank()) if world > 1 else 0
+    size = 2
+    while size <= world:
+        _, sub = group_pool.containing(rank, size)
+        points = []
+        for nbytes in payload_bytes:
+            n = max(size, nbytes // 4 // size * size)
+            send, recv = torch.ones(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+            runs = []
+            for i in range(repeats + 1):
+                hd.barrier(group=sub)
+                start = time.perf_counter()
+                hd.all_to_all_single(recv, send, group=sub)
+                if i:
+                    runs.append(time.perf_counter() - start)
+            points.append((n * 4 * (size - 1) / size, float(np.median(runs))))
+        vals = torch.tensor([p[1] for p in points], dtype=torch.float64)
+        hd.all_reduce(vals, op=hd.ReduceOp.MAX, group=group)
+        (x0, t0), (x1, t1) = (points[0][0], float(vals[0])), (points[1][0], float(vals[1]))
+        slope = max((t1 - t0) / (x1 - x0), 1e-15)
+        bandwidth[size] = 1.0 / slope
+        latencies.append(max(t0 - x0 * slope, 0.0))
+        size *= 2
+    n_layers = len(_attention_modules(model)) or 1
+    b2 = 4 * n_layers * float(np.mean(latencies)) if latencies else 0.0
+    saved_per_token = float(np.max([x[1] for x in samples]))
+    params = sum(p.numel() for p in model.parameters())
+    static = float(params * 16)
+    if device_bytes is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        device_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(local, 1)
+    return CostModel(a1=float(a1), a2=float(a2), b1=float(b1), a3=a3 if a3 is not None else ulysses_bytes_per_token(model),
+                     b2=b2, bandwidth=bandwidth, token_bytes=saved_per_token, static_bytes=static,
+                     device_bytes=float(device_bytes), name=name,
+                     notes=f"calibrated on {world} process(es): lengths {list(lengths)}, {repeats} repeats",
+                     measured={"lengths": list(map(int, lengths)), "compute_s": t.tolist(),
+                               "compute_fit_max_rel_error": compute_err, "latency_s": latencies})
