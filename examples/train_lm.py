@@ -9,6 +9,7 @@ Read top to bottom: arguments, data, model, trainer, loop, summary.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -49,6 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.05, help="EControl's eta")
     p.add_argument("--lgreco", action="store_true", help="L-GreCo: per-layer compression parameters (with --compress)")
     p.add_argument("--compress-start", type=int, default=10, help="uncompressed warm-up steps for --compress")
+    p.add_argument("--adaptive-sp", action="store_true", help="adaptive sequence parallelism (heddle.sequence.adaptive) on variable-length stdlib files")
+    p.add_argument("--asp-cost-model", default="calibrate", help="--adaptive-sp cost model: calibrate, a preset, or a JSON path")
+    p.add_argument("--asp-tokens", type=int, default=4096, help="--adaptive-sp: token budget of a global batch of documents")
+    p.add_argument("--asp-max-len", type=int, default=2048, help="--adaptive-sp: documents are cut at this many bytes")
+    p.add_argument("--asp-capacity", type=int, default=None, help="--adaptive-sp: activation tokens per device (emulates a memory limit)")
     return p.parse_args(argv)
 
 
@@ -69,7 +75,51 @@ def feature_sections(args) -> dict:
                                    "retune_every": max(args.steps // 3, 1)}
     elif args.lgreco:
         raise ValueError("--lgreco needs --compress")
+    if args.adaptive_sp:
+        if args.sp > 1 or args.accum != 1:
+            raise ValueError("--adaptive-sp plans its own groups and micro-batches: drop --sp and --accum")
+        sections["adaptive_sequence_parallel"] = {"cost_model": args.asp_cost_model,
+                                                  "max_tokens_per_device": args.asp_capacity}
     return sections
+
+
+def adaptive_sp_loop(args, trainer, rank):
+    """--adaptive-sp: global batches of whole stdlib files (byte tokens, cut at --asp-max-len) by
+    token budget; the plan for step t+1 is computed in the background while step t trains."""
+    import sysconfig
+    import tempfile
+
+    from heddle.data import TokenBudgetSampler, TokenDataset, build_byte_dataset
+
+    path = os.path.join(tempfile.gettempdir(), f"heddle-stdlib-docs-{args.asp_max_len}-r{rank}.arrow")
+    docs = TokenDataset(build_byte_dataset(sysconfig.get_paths()["stdlib"], path, suffixes=(".py",),
+                                           max_len=args.asp_max_len + 1))
+    sampler = trainer.track("sampler", TokenBudgetSampler(docs.lengths - 1, args.asp_tokens, seed=args.seed))
+    asp = trainer.adaptive_sp
+    if rank == 0:
+        print(f"heddle train_lm --adaptive-sp: {len(docs)} documents, {args.asp_tokens} tokens per step, "
+              f"cost model {asp.cost_model.name} ({asp.cost_model.token_capacity} tokens/device)", flush=True)
+    asp.submit(docs.lengths[sampler.peek()] - 1)
+    losses, start = [], time.perf_counter()
+    while trainer.step_count < args.steps:
+        batch = sampler.next()
+        plan = asp.next_plan()
+        if trainer.step_count + 1 < args.steps:
+            asp.submit(docs.lengths[sampler.peek()] - 1)  # planned while this step trains
+        asp.run(trainer, plan, [docs.tensor(k) for k in batch])
+        metrics = trainer.step()
+        losses.append(metrics["loss"])
+        if rank == 0 and trainer.step_count % args.log_every == 0:
+            print(f"  step {trainer.step_count}: {len(batch)} docs, {len(plan.lanes())} lanes "
+                  f"{sorted(len(r) for r, _ in plan.lanes())}, predicted {plan.predicted_time:.3f}s, "
+                  f"measured {metrics['asp_compute_s']:.3f}s, waited {metrics['asp_plan_wait_s'] * 1e3:.0f} ms "
+                  f"for the plan", flush=True)
+    trainer.close()
+    if rank == 0:
+        k = max(1, min(10, len(losses) // 10))
+        print(f"summary: steps {len(losses)}  loss first {sum(losses[:k]) / k:.3f} -> last "
+              f"{sum(losses[-k:]) / k:.3f} (mean of {k})  time {time.perf_counter() - start:.1f}s", flush=True)
+    return losses
 
 
 def main(argv=None):
@@ -86,6 +136,8 @@ def main(argv=None):
     config = heddle.TrainerConfig(grad_accum_steps=args.accum, max_grad_norm=args.clip,
                                   total_steps=args.steps, log_every=args.log_every, **feature_sections(args))
     trainer = heddle.Trainer(model, optimizer, config=config)
+    if args.adaptive_sp:
+        return adaptive_sp_loop(args, trainer, rank)
     dp_rank, dp_size = getattr(trainer, "dp_rank", rank), getattr(trainer, "dp_size", world)
     sampler = trainer.track("sampler", WindowSampler(corpus.train, args.seq_len, args.batch_size * args.accum,
                                                      seed=args.seed, dp_rank=dp_rank, dp_size=dp_size))
