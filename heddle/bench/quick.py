@@ -18,6 +18,15 @@ import time
 from heddle.bench.registry import discover
 
 FIRST = ("collectives", "training")  # the harness's own scenarios run first
+# Small-size arguments for scenarios that define no ``quick_args`` of their own.
+QUICK_FALLBACK = {
+    "ulysses": ["--seq-lens", "1024,2048", "--warmup", "1", "--trials", "5"],
+    "compression": ["--parts", "comm", "--sizes", "1,4", "--warmup", "1", "--trials", "3"],
+}
+
+
+def quick_args(name: str, scenario) -> list[str]:
+    return list(scenario.quick_args) or QUICK_FALLBACK.get(name, ["--warmup", "1", "--trials", "3"])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -68,7 +77,7 @@ def main(argv: list[str]) -> int:
             continue
         scenario = found[name]
         cmd = [sys.executable, "-m", "heddle.bench.cli", name, "--nproc", str(args.nproc), "--out", args.out,
-               *scenario.quick_args]
+               *quick_args(name, scenario)]
         print(f"\n[quick] ({i + 1}/{len(names)}) {' '.join(['heddle bench', *cmd[3:]])}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, start_new_session=True)
