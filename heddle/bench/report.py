@@ -67,6 +67,19 @@ def _columns_for(scenario: str, rows: list[dict]) -> list[tuple[str, str]]:
     return cols
 
 
+def groups(scenario: str, rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """A scenario's rows split by their ``part`` column when they have one (scenarios that mix a
+    simulation, a planner sweep and a real run), so each table shows only its own columns."""
+    parts = []
+    for r in rows:
+        if r.get("part") not in parts:
+            parts.append(r.get("part"))
+    if parts == [None]:
+        return [(scenario, rows)]
+    return [(f"{scenario}: {part}" if part is not None else scenario, [r for r in rows if r.get("part") == part])
+            for part in parts]
+
+
 def print_rows(title: str, rows: list[dict], columns: list[tuple[str, str]] | None = None) -> None:
     """A rich table of ``rows`` (the runner prints every run's rows with it)."""
     from rich.console import Console
@@ -180,7 +193,10 @@ def summary_markdown(rows: list[dict], plots: list[Path], image_prefix: str) -> 
                 load.append(f"{label} {fmt(tele[key])}")
         if load:
             out += ["", "Telemetry: " + ", ".join(load) + (f" ({tele['tele_note']})" if tele.get("tele_note") else "")]
-        out += ["", markdown_table(sub, _columns_for(scenario, sub)), ""]
+        for title, part in groups(scenario, sub):
+            if title != scenario:
+                out += ["", f"### {title}"]
+            out += ["", markdown_table(part, _columns_for(scenario, part)), ""]
     return "\n".join(out) + "\n"
 
 
@@ -202,7 +218,8 @@ def build_report(out_dir: str | os.PathLike, *, all_runs: bool = False, markdown
                 written.append(path)
     if show:
         for scenario in sorted({r["scenario"] for r in rows}):
-            print_rows(scenario, [r for r in rows if r["scenario"] == scenario])
+            for title, sub in groups(scenario, [r for r in rows if r["scenario"] == scenario]):
+                print_rows(title, sub, _columns_for(scenario, sub))
     summary = report_dir / "summary.md"
     summary.write_text(summary_markdown(rows, written, ""))
     if markdown:

@@ -114,6 +114,70 @@ def planner_times(devices: int, *, seqs: int = 512, trials: int = 10, kind: str 
             "micro_batches_mean": float(np.mean(mbs))}
 
 
+def _max(values: list[float], world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def real_run(ctx: BenchContext, options) -> list[dict]:
+    """Adaptive vs static SP=world vs static SP=1 on the example GPT, every rank of the job."""
+    from heddle.data import ByteCorpus
+    from heddle.models import GPT, GPTConfig
+    from heddle.sequence.adaptive.background import BackgroundPlanner
+    from heddle.sequence.adaptive.executor import AdaptiveExecutor
+
+    world = ctx.world_size
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=options.real_max_len))
+    executor = AdaptiveExecutor(model)
+    cm = CostModel.calibrate(model, executor.pool, lengths=(128, 256, 512, 1024))
+    cap = options.real_capacity
+    corpus = ByteCorpus.stdlib().train
+    cases = {"adaptive": {}, f"static-sp{world}": {"degrees": (world,)}, "static-sp1": {"degrees": (1,)}}
+    planners = {name: BackgroundPlanner(world, cm, time_limit=options.time_limit, **kw) for name, kw in cases.items()}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
+    fits = {name: True for name in cases}
+    for step in range(options.real_steps + 1):
+        lengths = sample_lengths("code", options.real_docs, max_len=options.real_max_len, seed=step)
+        g = torch.Generator().manual_seed(step)
+        starts = torch.randint(0, len(corpus) - options.real_max_len - 2, (len(lengths),), generator=g)
+        docs = [corpus[int(a):int(a) + int(n) + 1].long() for a, n in zip(starts, lengths)]
+        for name, kw in cases.items():
+            # SP=1 only fits when every document fits one device: else it runs over the budget
+            budget = cap if name != "static-sp1" or lengths.max() <= cap else int(lengths.max())
+            fits[name] &= budget == cap
+            planners[name].plan_kwargs["max_tokens_per_device"] = budget
+            planners[name].submit(lengths.tolist())
+            plan = planners[name].result()
+            model.zero_grad(set_to_none=True)
+            ctx.barrier()
+            t0 = time.perf_counter()
+            executor.run(plan, docs)
+            t1 = time.perf_counter()
+            ctx.barrier()
+            t2 = time.perf_counter()
+            executor.reduce_gradients()
+            t3 = time.perf_counter()
+            compute, step_time = _max([t1 - t0, (t2 - t0) + (t3 - t2)], world)
+            if step:  # step 0 warms up
+                samples[name].append((plan.predicted_time, compute, step_time))
+    for p in planners.values():
+        p.close()
+    rows = []
+    for name, got in samples.items():
+        pred, comp, full = (np.array(x) for x in zip(*got))
+        rows.append({"part": "real", "case": name, "world": world, "capacity": cap, "within_budget": fits[name],
+                     "predicted_s": float(np.median(pred)), "measured_s": float(np.median(comp)),
+                     "step_s": float(np.median(full)),
+                     "prediction_error": float(np.mean(np.abs(pred - comp) / comp)), "steps": len(got)})
+    base = next(r for r in rows if r["case"] == "adaptive")["step_s"]
+    for r in rows:
+        r["adaptive_speedup"] = r["step_s"] / base
+    return rows
+
+
 class AdaptiveSPScenario(Scenario):
     name = "adaptive-sp"
     help = "FlexSP adaptive SP: simulated speedup (a100 preset), planner time, real gloo run"
@@ -134,7 +198,7 @@ class AdaptiveSPScenario(Scenario):
         g.add_argument("--real-steps", type=int, default=6)
         g.add_argument("--real-docs", type=int, default=16, help="documents per global batch (real run)")
         g.add_argument("--real-max-len", type=int, default=2048)
-        g.add_argument("--real-capacity", type=int, default=768, help="emulated activation tokens per device")
+        g.add_argument("--real-capacity", type=int, default=1024, help="emulated activation tokens per device")
 
     def run(self, ctx: BenchContext, options) -> list[dict]:
         parts = (options.part or ("sim,planner" if ctx.world_size == 1 else "real")).split(",")
@@ -155,8 +219,6 @@ class AdaptiveSPScenario(Scenario):
                     n, seqs=options.seqs, trials=options.planner_trials, preset=options.preset,
                     time_limit=options.time_limit)})
         if "real" in parts:
-            from heddle.bench.scenarios._adaptive_sp_real import real_run
-
             rows += [{"scenario": self.name, **r} for r in real_run(ctx, options)]
         return rows
 
