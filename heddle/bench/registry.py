@@ -46,6 +46,9 @@ def get(name: str) -> Scenario:
     if name in found:
         return found[name]
     module = name.replace("-", "_")
+    by_module = {type(s).__module__.rsplit(".", 1)[-1]: s for s in found.values()}
+    if module in by_module:  # the file name works too: adaptive_sp -> "adaptive-sp"
+        return by_module[module]
     if module in broken:
         raise ValueError(f"scenario {name!r} failed to import: {broken[module]}")
     raise ValueError(f"unknown scenario {name!r}; valid: {', '.join(sorted(found)) or 'none'}")

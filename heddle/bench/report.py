@@ -5,8 +5,8 @@
     heddle bench report heddle-results --markdown docs/benchmarks.md
 
 Writes ``DIR/report/summary.md`` and ``DIR/report/*.png``: bus bandwidth vs size (one line per
-collective) and tokens/s per device vs config (every row with a ``tokens_per_s_per_device``
-column). ``--markdown PATH`` also writes the summary to PATH with its plots copied to
+collective), tokens/s per device vs config (every row with a ``tokens_per_s_per_device``
+column) and the training step-time breakdown (compute / communication / checkpoint stall). ``--markdown PATH`` also writes the summary to PATH with its plots copied to
 ``PATH's folder/img/``.
 """
 
@@ -168,6 +168,35 @@ def plot_tokens(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def plot_breakdown(rows: list[dict], path: Path) -> Path | None:
+    """Stacked bars: a training step split into compute, communication and checkpoint stall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = ("compute_s", "comm_s", "checkpoint_stall_s")
+    sub = [r for r in rows if all(results.is_number(r.get(k)) for k in parts)]
+    if not sub:
+        return None
+    labels = [_config_label(r) for r in sub]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(sub)))
+    left = [0.0] * len(sub)
+    for key, color, name in zip(parts, ("tab:blue", "tab:orange", "tab:red"), ("compute", "comm", "checkpoint stall")):
+        values = [r[key] * 1e3 for r in sub]
+        ax.barh(labels, values, left=left, color=color, label=name)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (comm: ledger replayed alone; compute: the rest)")
+    ax.set_title("training: step-time breakdown")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def summary_markdown(rows: list[dict], plots: list[Path], image_prefix: str) -> str:
     out = ["# heddle benchmark results", ""]
     runs = sorted({(r["scenario"], r["run_id"]) for r in rows})
@@ -212,7 +241,8 @@ def build_report(out_dir: str | os.PathLike, *, all_runs: bool = False, markdown
     report_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if plots:
-        for fn, name in ((plot_bandwidth, "bandwidth_vs_size.png"), (plot_tokens, "tokens_per_s.png")):
+        for fn, name in ((plot_bandwidth, "bandwidth_vs_size.png"), (plot_tokens, "tokens_per_s.png"),
+                         (plot_breakdown, "step_breakdown.png")):
             path = fn(rows, report_dir / name)
             if path is not None:
                 written.append(path)

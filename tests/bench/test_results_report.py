@@ -81,7 +81,7 @@ def test_report_from_small_set(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "busbw (GB/s)" in out and "tokens/s/dev" in out and "speedup" in out
     summary = (tmp_path / "report" / "summary.md").read_text()
-    for png in ("bandwidth_vs_size.png", "tokens_per_s.png"):
+    for png in ("bandwidth_vs_size.png", "tokens_per_s.png", "step_breakdown.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert (md.parent / "img" / png).exists()

@@ -149,3 +149,20 @@ def test_cli_two_processes_through_the_launcher(tmp_path):
     assert rows[0]["tele_rss_mb_max"] > 10 and "telemetry_samples" not in rows[0]
     samples = results.read_rows(out, telemetry=True)
     assert {s["rank"] for s in samples} == {0, 1}
+
+
+def test_quick_reports_timeouts_and_fails(tmp_path, capsys):
+    from heddle.bench.quick import main as quick_main
+
+    code = quick_main(["--only", "collectives", "--scenario-timeout", "0.5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "timed out after 0 s" in out and "collectives" in out
+    with pytest.raises(SystemExit):
+        quick_main(["--only", "nope"])
+
+
+def test_registry_accepts_file_names():
+    assert registry.get("training").name == "training"
+    found, _ = registry.discover()
+    for name, scenario in found.items():
+        assert registry.get(type(scenario).__module__.rsplit(".", 1)[-1]) is scenario

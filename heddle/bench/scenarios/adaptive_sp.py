@@ -99,19 +99,25 @@ def simulate(kind: str, *, preset: str = "a100-80g-ib", devices: int = 64, seqs:
 def planner_times(devices: int, *, seqs: int = 512, trials: int = 10, kind: str = "code", seed: int = 100,
                   preset: str = "a100-80g-ib", time_limit: float = 0.8, solver: str = "milp") -> dict:
     cm = CostModel.preset(preset)
-    times, statuses, mbs = [], [], []
+    times, statuses, mbs, gains = [], [], [], []
     for t in range(trials):
         lengths = sample_lengths(kind, seqs, seed=seed + t).tolist()
         start = time.perf_counter()
         plan = plan_batch(lengths, devices, cm, time_limit=time_limit, solver=solver)
         times.append(time.perf_counter() - start)
-        statuses += plan.extra.get("milp_status", [])
+        statuses.append(plan.status)
         mbs.append(len(plan.micro_batches))
+        if solver == "milp":  # what the MILP bought over the greedy plan alone
+            greedy = plan_batch(lengths, devices, cm, solver="greedy").predicted_time
+            gains.append(greedy / plan.predicted_time)
     s = summarize(times)
     optimal = sum(x == "optimal" for x in statuses)
-    return {"part": "planner", "case": f"{devices} devices", "devices": devices, "seqs": seqs, "solver": solver,
-            "time_limit": time_limit, **s, "milp_solves": len(statuses), "milp_optimal": optimal,
-            "micro_batches_mean": float(np.mean(mbs))}
+    return {"part": "planner", "case": f"{devices} devices {solver}", "devices": devices, "seqs": seqs,
+            "solver": solver, "time_limit": time_limit, **s,
+            "milp_solves": sum(x not in ("greedy", "skipped") for x in statuses), "milp_optimal": optimal,
+            "micro_batches_mean": float(np.mean(mbs)),
+            "gain_over_greedy_max": float(max(gains)) if gains else float("nan"),
+            "improved_over_greedy": sum(g > 1 + 1e-9 for g in gains)}
 
 
 def _max(values: list[float], world: int) -> list[float]:
@@ -215,9 +221,10 @@ class AdaptiveSPScenario(Scenario):
                         f"{rows[-1]['speedup_vs_per_batch']:.2f}x vs per-batch") if hasattr(ctx, "log") else None
         if "planner" in parts and ctx.rank == 0:
             for n in (int(x) for x in options.planner_devices.split(",")):
-                rows.append({"scenario": self.name, **planner_times(
-                    n, seqs=options.seqs, trials=options.planner_trials, preset=options.preset,
-                    time_limit=options.time_limit)})
+                for solver in ("milp", "greedy"):
+                    rows.append({"scenario": self.name, **planner_times(
+                        n, seqs=options.seqs, trials=options.planner_trials, preset=options.preset,
+                        time_limit=options.time_limit, solver=solver)})
         if "real" in parts:
             rows += [{"scenario": self.name, **r} for r in real_run(ctx, options)]
         return rows
