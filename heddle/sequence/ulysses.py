@@ -25,6 +25,7 @@ import torch.nn as nn
 from heddle.dist import all_gather_into_tensor, group_rank_size
 from heddle.models.attention import local_attention
 from heddle.sequence.ulysses_communications import GatherHeads, HeadSplit, ScatterHeads
+from heddle.sequence.ulysses_overlap import OverlappedUlysses, chunk_splits
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("bshd", "sbhd")
@@ -104,13 +105,20 @@ class UlyssesAttention(nn.Module):
 
     ``group`` is a plain attribute: set it between steps to run the same module on another
     sequence-parallel group (nothing is rebuilt; head plans are cached per group size).
+    ``overlap_chunks`` = C > 1 pipelines the heads in C chunks so that all-to-alls run while
+    attention computes (:mod:`heddle.sequence.ulysses_overlap`): C packed all-to-alls each way
+    instead of one, the same bytes. It needs C <= the fewest head units on a rank.
     ``check`` = "first" (default) compares shapes, dtypes and options across the group with one
     small all-gather on the first call after construction or after ``group`` is set, "always" on
     every call, "never" not at all.
     """
 
-    def __init__(self, group=None, attn_fn=None, *, layout: str = "bshd", check: str = "first"):
+    def __init__(self, group=None, attn_fn=None, *, layout: str = "bshd", check: str = "first",
+                 overlap_chunks: int = 1):
         super().__init__()
+        if not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks={overlap_chunks!r} must be a positive integer")
+        self.overlap_chunks = overlap_chunks
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is not supported; valid: {LAYOUTS}")
         if check not in ("first", "always", "never"):
@@ -119,7 +127,7 @@ class UlyssesAttention(nn.Module):
             raise TypeError(f"attn_fn={attn_fn!r} must be callable")
         self.layout, self.check = layout, check
         self.attn_fn = attn_fn or default_attention
-        self._plans: dict[tuple[int, int, int], tuple[HeadSplit, HeadSplit]] = {}
+        self._plans: dict[tuple, object] = {}
         self.group = group
 
     @property
@@ -186,6 +194,13 @@ class UlyssesAttention(nn.Module):
         if key not in self._plans:
             self._plans[key] = plan_heads(heads, kv_heads, world)
         q_split, kv_split = self._plans[key]
+        if world > 1 and self.overlap_chunks > 1:
+            chunk_key = (*key, self.overlap_chunks)
+            if chunk_key not in self._plans:
+                self._plans[chunk_key] = chunk_splits(q_split, kv_split, self.overlap_chunks)
+            out = OverlappedUlysses.apply(self._plans[chunk_key], self._group, batch_first, self.attn_fn,
+                                          {"causal": causal, "cu_seqlens": cu_seqlens}, q, k, v)
+            return out.transpose(0, 1) if batch_first else out
         if world == 1:
             q_full, k_full, v_full = q, k, v
         else:

@@ -78,11 +78,23 @@ def _unpack_heads(block: torch.Tensor, outs, splits, rank: int) -> None:
         offset += n
 
 
-def scatter_heads(xs, splits, group) -> list[torch.Tensor]:
-    """xs: tensors [sl, b, H_t, d] (local sequence shard, all heads) -> [P*sl, b, counts_t[me], d].
+class _Pending:
+    """An all-to-all in flight: its work handle and what finishing it needs."""
 
-    One all-to-all for all tensors together; the results are views of the receive buffer.
-    """
+    def __init__(self, work, send, recv, shape, widths, splits, rank):
+        self.work, self.send, self.recv, self.rank = work, send, recv, rank
+        self.shape, self.widths, self.splits = shape, widths, splits
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        self.send = None  # the send buffer can go as soon as the collective is done
+
+
+def scatter_start(xs, splits, group) -> _Pending:
+    """Pack xs [sl, b, H_t, d] (every tensor's units for rank j side by side, block j) and start the
+    one all-to-all, asynchronously. Finish with :func:`scatter_finish`."""
     rank, world = group_rank_size(group)
     sl, b, _, d = xs[0].shape
     widths = [sum(sp.counts[j] for sp in splits) for j in range(world)]
@@ -94,14 +106,73 @@ def scatter_heads(xs, splits, group) -> list[torch.Tensor]:
         offset += row * widths[j]
     recv = send.new_empty(world * row * widths[rank])
     with comm_tag("ulysses"):
-        all_to_all_single(recv, send, [row * widths[rank]] * world, [row * w for w in widths], group=group)
-    del send
-    full = recv.view(world * sl, b, widths[rank], d)
+        work = all_to_all_single(recv, send, [row * widths[rank]] * world, [row * w for w in widths],
+                                 group=group, async_op=True)
+    return _Pending(work, send, recv, (sl, b, d), widths, splits, rank)
+
+
+def scatter_finish(pending: _Pending) -> list[torch.Tensor]:
+    """Wait; the results [P*sl, b, counts_t[me], d] are views of the receive buffer (no copy)."""
+    pending.wait()
+    rank, world = pending.rank, len(pending.widths)
+    sl, b, d = pending.shape
+    full = pending.recv.view(world * sl, b, pending.widths[rank], d)
     outs, offset = [], 0
-    for split in splits:
+    for split in pending.splits:
         outs.append(full.narrow(2, offset, split.counts[rank]))
         offset += split.counts[rank]
     return outs
+
+
+def scatter_heads(xs, splits, group) -> list[torch.Tensor]:
+    """xs: tensors [sl, b, H_t, d] (local sequence shard, all heads) -> [P*sl, b, counts_t[me], d].
+
+    One all-to-all for all tensors together; the results are views of the receive buffer.
+    """
+    return scatter_finish(scatter_start(xs, splits, group))
+
+
+def gather_start(ys, splits, group) -> _Pending:
+    """Start the inverse all-to-all of ys [s, b, counts_t[me], d]; finish with :func:`gather_finish`.
+    A single sequence-major contiguous tensor is sent as it is (no pack copy)."""
+    rank, world = group_rank_size(group)
+    s, b, _, d = ys[0].shape
+    sl = s // world
+    widths = [sum(sp.counts[j] for sp in splits) for j in range(world)]
+    row = sl * b * d
+    if len(ys) == 1 and ys[0].is_contiguous():
+        send = ys[0]
+    else:  # sequence-major send buffer: the block for rank j is rows j*sl .. (j+1)*sl, contiguous
+        send = ys[0].new_empty(s, b, widths[rank], d)
+        offset = 0
+        for y, split in zip(ys, splits):
+            send.narrow(2, offset, split.counts[rank]).copy_(y)
+            offset += split.counts[rank]
+    recv = send.new_empty(row * sum(widths))
+    with comm_tag("ulysses"):
+        work = all_to_all_single(recv, send.view(-1), [row * w for w in widths], [row * widths[rank]] * world,
+                                 group=group, async_op=True)
+    return _Pending(work, send, recv, (sl, b, d), widths, splits, rank)
+
+
+def gather_finish(pending: _Pending, outs) -> list[torch.Tensor]:
+    """Wait and unpack into ``outs`` ([sl, b, H_t, d] each, possibly strided views); returns outs."""
+    pending.wait()
+    sl, b, d = pending.shape
+    row, offset = sl * b * d, 0
+    for j, width in enumerate(pending.widths):
+        _unpack_heads(pending.recv.narrow(0, offset, row * width).view(sl, b, width, d), outs, pending.splits, j)
+        offset += row * width
+    return outs
+
+
+def new_outputs(like: torch.Tensor, splits, sl: int, b: int, batch_first: bool) -> list[torch.Tensor]:
+    """[sl, b, H_t, d] result tensors (zeroed where repeated units are summed into them);
+    ``batch_first``: transposed views of contiguous [b, sl, H_t, d] tensors."""
+    d = like.shape[-1]
+    shape = (b, sl) if batch_first else (sl, b)
+    outs = [(like.new_zeros if sp.repeat > 1 else like.new_empty)(*shape, sp.heads, d) for sp in splits]
+    return [o.transpose(0, 1) for o in outs] if batch_first else outs
 
 
 def gather_heads(ys, splits, group, batch_first: bool = False) -> list[torch.Tensor]:
@@ -110,31 +181,9 @@ def gather_heads(ys, splits, group, batch_first: bool = False) -> list[torch.Ten
     One all-to-all for all tensors together (the inverse of :func:`scatter_heads`).
     ``batch_first``: the results are transposed views of contiguous ``[b, s/P, H_t, d]`` tensors.
     """
-    rank, world = group_rank_size(group)
-    s, b, _, d = ys[0].shape
-    sl = s // world
-    widths = [sum(sp.counts[j] for sp in splits) for j in range(world)]
-    row = sl * b * d
-    # Sequence-major send buffer: the block for rank j is rows j*sl .. (j+1)*sl, contiguous.
-    send = ys[0].new_empty(s, b, widths[rank], d)
-    offset = 0
-    for y, split in zip(ys, splits):
-        send.narrow(2, offset, split.counts[rank]).copy_(y)
-        offset += split.counts[rank]
-    recv = send.new_empty(row * sum(widths))
-    with comm_tag("ulysses"):
-        all_to_all_single(recv, send.view(-1), [row * w for w in widths], [row * widths[rank]] * world,
-                          group=group)
-    del send
-    shape = (b, sl) if batch_first else (sl, b)
-    outs = [(ys[0].new_zeros if sp.repeat > 1 else ys[0].new_empty)(*shape, sp.heads, d) for sp in splits]
-    if batch_first:
-        outs = [o.transpose(0, 1) for o in outs]
-    offset = 0
-    for j in range(world):
-        _unpack_heads(recv.narrow(0, offset, row * widths[j]).view(sl, b, widths[j], d), outs, splits, j)
-        offset += row * widths[j]
-    return outs
+    _, world = group_rank_size(group)
+    s, b = ys[0].shape[:2]
+    return gather_finish(gather_start(ys, splits, group), new_outputs(ys[0], splits, s // world, b, batch_first))
 
 
 class ScatterHeads(torch.autograd.Function):

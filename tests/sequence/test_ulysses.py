@@ -26,7 +26,7 @@ def _case_tensors(seed, b, length, heads, kv_heads, d=4):
     return q, k, v, w
 
 
-def _check_case(rank, world, seed, causal, b, layout, heads, kv_heads, mode):
+def _check_case(rank, world, seed, causal, b, layout, heads, kv_heads, mode, chunks=1):
     length = {"even": 4 * world, "odd": 4 * world + 3, "packed": 5 * world + 1}[mode]
     cu = torch.tensor([0, 3, 3 + length // 3, length - 1]) if mode == "packed" else None
     q, k, v, w = _case_tensors(seed, b, length, heads, kv_heads)
@@ -39,7 +39,7 @@ def _check_case(rank, world, seed, causal, b, layout, heads, kv_heads, mode):
     shards = [shard_sequence(t, None, 1) for t in leaves]
     info = shards[0][1]
     w_local, _ = shard_sequence(w, None, 1, pad_value=0.0)
-    attn = UlyssesAttention(layout=layout)
+    attn = UlyssesAttention(layout=layout, overlap_chunks=chunks)
     local = [s for s, _ in shards]
     if layout == "sbhd":
         local = [t.transpose(0, 1) for t in local]
@@ -47,7 +47,7 @@ def _check_case(rank, world, seed, causal, b, layout, heads, kv_heads, mode):
     if layout == "sbhd":
         out = out.transpose(0, 1)
     (out * w_local).sum().backward()
-    what = f"world={world} causal={causal} b={b} {layout} H={heads} Hkv={kv_heads} {mode}"
+    what = f"world={world} causal={causal} b={b} {layout} H={heads} Hkv={kv_heads} {mode} chunks={chunks}"
     full = gather_sequence(out.detach(), info)
     torch.testing.assert_close(full, ref_out.detach(), atol=1e-10, rtol=0, msg=what)
     lo, hi = info.start, min(info.start + info.local_length, length)
@@ -109,6 +109,15 @@ def _check_ledger(rank, world):
     calls = 2 if world > 1 else 0
     assert fwd.count("all_to_all") == calls and bwd.count("all_to_all") == calls
     assert fwd.count() == calls  # nothing else communicates (check="never")
+    if world > 1:  # overlapped: the same bytes in 2 chunks each way (2 kv units per rank)
+        q2, k2, v2 = (torch.randn(b, s // world, h, d, dtype=torch.float64, requires_grad=True)
+                      for h in (4 * world, 2 * world, 2 * world))
+        attn = UlyssesAttention(check="never", overlap_chunks=2)
+        with CommLedger() as both:
+            attn(q2, k2, v2).sum().backward()
+        assert both.bytes_sent("all_to_all", tag="ulysses") == 4 * expected and both.count("all_to_all") == 8
+        with pytest.raises(ValueError, match="overlap_chunks=3"):
+            UlyssesAttention(check="never", overlap_chunks=3)(q2, k2, v2)
     return expected
 
 
@@ -149,17 +158,22 @@ def _all_checks(rank, world):
     # A different quarter of the full product per world size (every combination runs at one world
     # size; every world size sees every value of every option).
     cases = list(itertools.product((True, False), (1, 3), ("bshd", "sbhd"), HEADS, MODES))
-    done = 0
+    done = overlapped = 0
     for i, (causal, b, layout, (heads, kv_heads), mode) in enumerate(cases):
         if heads < world or i % 4 != world % 4:
             continue
         _check_case(rank, world, i, causal, b, layout, heads, kv_heads, mode)
         done += 1
+        # Overlapped (chunked) Ulysses on the cases whose every rank has >= 2 head units.
+        if world > 1 and min(plan_heads(heads, kv_heads, world)[1].counts) >= 2 and i % 8 == world % 8:
+            _check_case(rank, world, i, causal, b, layout, heads, kv_heads, mode, chunks=2)
+            overlapped += 1
     for layout, b, (heads, kv_heads) in itertools.product(("bshd", "sbhd"), (1, 3), ((4, 4), (6, 2), (8, 1), (7, 7))):
         if heads >= world:
             _check_hash(rank, world, layout, b, heads, kv_heads)
     _check_positions(rank, world)
     _check_errors(rank, world)
+    assert world == 1 or overlapped >= 3, overlapped
     return done, _check_ledger(rank, world)
 
 

@@ -26,6 +26,8 @@ time limit returns the incumbent.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -109,8 +111,7 @@ def solve_lanes(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capa
     lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
     lp.a_matrix_.value_ = np.array(value)
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in integ]
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _new_highs()
     h.setOptionValue("threads", 1)
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("time_limit", float(max(time_limit - (time.perf_counter() - start), 1e-3)))
@@ -147,6 +148,29 @@ def solve_lanes(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capa
     name = {highspy.HighsModelStatus.kOptimal: "optimal",
             highspy.HighsModelStatus.kTimeLimit: "time_limit"}.get(status, text)
     return MilpResult(assignment, name, float(values[col_c]), float(info.mip_gap), elapsed)
+
+
+_BANNER_SHOWN = []
+
+
+def _new_highs() -> highspy.Highs:
+    """A silent HiGHS instance. The first construction in a process prints HiGHS' banner from C++
+    to stdout; it is swallowed so ``heddle plan`` prints only the plan."""
+    if _BANNER_SHOWN:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _BANNER_SHOWN.append(True)
+    h.setOptionValue("output_flag", False)
+    return h
 
 
 def _warm_values(assignment, buckets, slots, col_of_m, col_of_n, col_of_x, col_c, ncol, cm, work, capacity):

@@ -97,7 +97,8 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
             if base is None or t < base_time:
                 base_time, base_degree, base = t, d, a
     solver_used, status, gap = "greedy", "greedy", float("nan")
-    remaining = time_limit - (time.perf_counter() - start)
+    # keep a tenth of the budget for turning the solution into a plan
+    remaining = 0.9 * time_limit - (time.perf_counter() - start)
     if solver == "milp" and remaining < 5e-3:
         status = "skipped"  # the greedy search spent the budget
     elif solver == "milp":
@@ -108,7 +109,7 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
                 rounded[k] = rep
         # warm start: greedy on the bucket representatives (valid for the program as well)
         warm = greedy_assignment(everyone, rounded, num_devices, cost_model, pool, capacity, with_homogeneous=False)
-        remaining = time_limit - (time.perf_counter() - start)
+        remaining = 0.9 * time_limit - (time.perf_counter() - start)
         result = solve_lanes(buckets, num_devices, cost_model, pool, capacity, warm_start=warm,
                              time_limit=max(remaining, 1e-3), mip_rel_gap=mip_rel_gap)
         status, gap, solver_used = result.status, result.gap, "milp"
