@@ -102,6 +102,16 @@ def _device_name(device: torch.device) -> str:
     return "cpu: " + (platform.processor() or platform.machine())
 
 
+def nvml_index(cuda_index: int | None) -> int:
+    """NVML numbers every GPU of the machine; CUDA only the visible ones: map through
+    CUDA_VISIBLE_DEVICES when it lists integers (UUIDs or MIG names: the CUDA index is used)."""
+    cuda_index = cuda_index or 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible and all(v.isdigit() for v in visible) and cuda_index < len(visible):
+        return int(visible[cuda_index])
+    return cuda_index
+
+
 def _aggregate_telemetry(summaries: list[dict]) -> dict:
     """Per-rank summaries -> one set of columns: means averaged, maxima and totals over ranks."""
     out: dict = {}
@@ -139,7 +149,7 @@ def worker(scenario: Scenario, options, argv: list[str]) -> int:
     device = hd.device()
     ctx = BenchContext(rank if runs_here and not scenario.single_process else 0, ctx_world, None, device,
                        verbose=not options.quiet)
-    gpu_index = device.index if device.type == "cuda" else None
+    gpu_index = nvml_index(device.index) if device.type == "cuda" else None
     if rank == 0 and not options.quiet:
         print(f"[bench] {scenario.name}: {world} process(es), {dist.get_backend()}, "
               f"warmup {options.warmup}, trials {options.trials}", flush=True)

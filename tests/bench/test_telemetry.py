@@ -75,3 +75,14 @@ def test_nvml_counters_sampled_and_unsupported_dropped(monkeypatch, caplog):
     assert "gpu_power_w_mean" not in s
     assert [r.getMessage() for r in caplog.records].count(
         "heddle bench telemetry: gpu_power_w not available on GPU 1 (RuntimeError)") == 1
+
+
+def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
+    from heddle.bench.runner import nvml_index
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert nvml_index(0) == 4 and nvml_index(1) == 6
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234")
+    assert nvml_index(0) == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert nvml_index(3) == 3
