@@ -190,6 +190,8 @@ class Collectives(Scenario):
         parser.add_argument("-e", "--max-bytes", type=parse_bytes, default=parse_bytes("16M"))
         parser.add_argument("-f", "--factor", type=float, default=4.0, help="size multiplier (default 4)")
         parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        parser.add_argument("--iters", type=int, default=1,
+                            help="back-to-back calls per timed trial, time divided by it (nccl-tests -n)")
         parser.add_argument("--compress-density", type=float, default=0.01,
                             help="compressed all-reduce: top-k density")
         parser.add_argument("--sparse-fraction", type=float, default=0.5,
@@ -207,6 +209,8 @@ class Collectives(Scenario):
 
     def run(self, ctx: BenchContext, options) -> list[dict]:
         dtype = DTYPES[options.dtype]
+        if options.iters < 1:
+            raise ValueError(f"--iters={options.iters} must be >= 1")
         if not 0 < options.compress_density <= 1:
             raise ValueError(f"--compress-density={options.compress_density} must be in (0, 1]")
         if not 0 <= options.sparse_fraction <= 1:
@@ -216,9 +220,12 @@ class Collectives(Scenario):
         for name, (build, bus_op) in self.selected_ops(options).items():
             for target in sizes:
                 case = build(ctx, target, dtype, options)
+                def repeated(call=case.call, iters=options.iters):
+                    for _ in range(iters):
+                        call()
                 for _ in range(options.warmup):
-                    ctx.timed(case.call)
-                times = [ctx.timed(case.call) for _ in range(options.trials)]
+                    ctx.timed(repeated)
+                times = [ctx.timed(repeated) / options.iters for _ in range(options.trials)]
                 with hd.CommLedger() as ledger:
                     checked = case.check()
                 # [wrong elements, bytes received by this rank in one call]
