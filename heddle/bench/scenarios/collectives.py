@@ -179,7 +179,7 @@ def available_ops() -> dict[str, tuple[Callable, str]]:
 class Collectives(Scenario):
     name = "collectives"
     help = "nccl-tests-style sweep: time, algbw, busbw, #wrong for every collective and size"
-    quick_args = ["--min-bytes", "1K", "--max-bytes", "1M", "--factor", "8", "--warmup", "2", "--trials", "8"]
+    quick_args = ["--min-bytes", "1K", "--max-bytes", "4M", "--factor", "8", "--warmup", "2", "--trials", "8"]
 
     def add_options(self, parser):
         parser.add_argument("--ops", default="all",
