@@ -104,3 +104,44 @@ def test_executor_matches_single_process(world):
         assert r["plan"] == results[0]["plan"], f"rank {rank} got a different plan"
         assert "cannot fit even on the largest group" in r["failed"], r["failed"]
     assert len(Plan.from_json(results[0]["plan"]).micro_batches) >= 2
+
+
+def _trainer_worker(rank, world, path):
+    """One Trainer step through the adaptive_sequence_parallel section (calibrated cost model)
+    equals one SGD step of a single process on the whole batch."""
+    import heddle
+    from heddle.sequence.adaptive import CostModel
+
+    torch.set_default_dtype(torch.float64)
+    ref_loss, ref_grads = _reference_grads()
+    model = _model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = heddle.TrainerConfig(progress=False, adaptive_sequence_parallel={
+        "cost_model": "calibrate", "calibration_lengths": (16, 32, 64), "max_tokens_per_device": 8})
+    trainer = heddle.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), config=config)
+    asp = trainer.adaptive_sp
+    assert trainer.ddp is None
+    asp.submit(LENGTHS)
+    plan = asp.next_plan()
+    asp.run(trainer, plan, _documents())
+    metrics = trainer.step()
+    err = max(float((p.detach() - (start[n] - 0.5 * ref_grads[n])).abs().max()) for n, p in model.named_parameters())
+    cm = asp.cost_model
+    if rank == 0:
+        cm.save(path)
+    trainer.close()
+    return {"err": max(err, abs(metrics["loss"] - ref_loss)), "cm": cm.to_dict(), "degrees": sorted({len(r) for r, _ in plan.groups})}
+
+
+def test_trainer_section_and_calibration(tmp_path):
+    path = str(tmp_path / "cm.json")
+    results = run_distributed(_trainer_worker, 2, path)
+    for r in results:
+        assert r["err"] < 1e-10
+        assert r["cm"] == results[0]["cm"], "ranks calibrated different cost models"
+    cm = CostModel.load(path)
+    # tiny lengths: the fit may put everything in b1, but the model must predict positive time
+    assert cm.group_time([32], 1) > 0 and cm.token_bytes > 0 and set(cm.bandwidth) == {2} and cm.bandwidth[2] > 0
+    assert len(cm.measured["compute_s"]) == 3
+    assert cm.a3 == 2 * 2 * (2 * 4 + 2 * 2) * 4 * 8  # 2 layers x fwd+bwd x (2H + 2Hkv) x head_dim x fp64
+    assert results[0]["degrees"] == [2] or 2 in results[0]["degrees"]  # 13 tokens > 8 per device
