@@ -27,8 +27,8 @@ RUN_COLUMNS = {"run_id", "timestamp", "scenario", "tag", "command", "config_json
 COLLECTIVE_COLUMNS = [("op", "op"), ("size_bytes", "size (B)"), ("count", "count"), ("dtype", "type"),
                       ("redop", "redop"), ("root", "root"), ("time_us", "time (us)"),
                       ("time_p95_us", "p95 (us)"), ("algbw_gbps", "algbw (GB/s)"), ("busbw_gbps", "busbw (GB/s)"),
-                      ("wrong", "#wrong")]
-TRAINING_COLUMNS = [("config", "config"), ("world_size", "procs"), ("tokens_per_s_per_device", "tokens/s/dev"),
+                      ("wrong", "#wrong"), ("speedup_vs_dense", "x dense")]
+TRAINING_COLUMNS = [("config", "config"), ("world_size", "procs"), ("tokens_per_s_per_device", "tokens/s/dev"), ("vs_first", "x first"),
                     ("step_time_s", "step (s)"), ("compute_s", "compute (s)"), ("comm_s", "comm (s)"),
                     ("comm_mb_per_step", "comm MB/step"), ("checkpoint_stall_s", "ckpt stall (s)"),
                     ("peak_memory_mb", "peak mem (MB)"), ("mfu", "MFU"), ("final_loss", "loss")]

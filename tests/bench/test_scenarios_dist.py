@@ -70,6 +70,8 @@ def test_collectives_sweep_verifies_every_result(world_size):
             assert 0 < r["ledger_recv_bytes_mean"] <= r["size_bytes"] * 2
         else:  # heddle's sparse collectives: bytes from the ledger, less than the dense op moves
             assert 0 < r["bus_factor"] < bus_factor("all_gather", world_size)
+            dense = next(d for d in rows if d["op"] == r["dense_op"] and d["target_bytes"] == r["target_bytes"])
+            assert r["speedup_vs_dense"] == pytest.approx(dense["time_us"] / r["time_us"])
     # every rank reports the same (max-over-ranks) times
     assert [r["time_us"] for r in rows] == [r["time_us"] for r in per_rank[-1][0]]
     for name in broken:  # summed over ranks (a no-op broadcast is right on the root)
@@ -93,6 +95,8 @@ def test_training_rows_and_ledger_bytes():
     assert ddp["config"] == "ddp" and clip["config"] == "clip"
     assert ddp["tokens_per_step"] == 4 * 16 and clip["tokens_per_step"] == 2 * 4 * 16
     assert ddp["tokens_per_s_per_device"] == pytest.approx(64 / ddp["step_time_s"] / 2)
+    assert ddp["vs_first"] == 1.0
+    assert clip["vs_first"] == pytest.approx(clip["tokens_per_s_per_device"] / ddp["tokens_per_s_per_device"])
     # DDP at n=2 sends (n-1)/n * 2 = 1x the fp32 gradient bytes, plus the Trainer's [loss, tokens]
     # fp64 all-reduce (16 B); clipping adds one more 8 B all-reduce of the sharded norm.
     assert ddp["comm_mb_per_step"] * 1e6 == pytest.approx(ddp["params"] * 4 + 16)

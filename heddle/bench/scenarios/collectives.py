@@ -238,7 +238,7 @@ class Collectives(Scenario):
                 factor = (bus_factor(bus_op, ctx.world_size) if bus_op is not None
                           else received_mean / case.size_bytes)
                 rows.append({
-                    "op": name, "size_bytes": case.size_bytes, "count": case.count, "dtype": options.dtype,
+                    "op": name, "target_bytes": target, "size_bytes": case.size_bytes, "count": case.count, "dtype": options.dtype,
                     "redop": case.redop, "root": case.root, "time_us": stats["median_s"] * 1e6,
                     "time_p95_us": stats["p95_s"] * 1e6, "time_max_us": stats["max_s"] * 1e6,
                     "algbw_gbps": algbw, "busbw_gbps": algbw * factor, "bus_factor": factor,
@@ -247,7 +247,24 @@ class Collectives(Scenario):
             last = rows[-1]
             ctx.log(f"{name}: {len(sizes)} sizes, largest {last['size_bytes']} B {last['time_us']:.1f} us "
                     f"busbw {last['busbw_gbps']:.3f} GB/s, wrong {sum(r['wrong'] for r in rows if r['op'] == name)}")
+        add_dense_ratios(rows)
         return rows
+
+
+# heddle's collective -> the dense collective it replaces
+DENSE_PEER = {"sparse_all_gather": "all_gather", "sparse_reduce_scatter": "reduce_scatter",
+              "compressed_all_reduce": "all_reduce"}
+
+
+def add_dense_ratios(rows: list[dict]) -> None:
+    """``speedup_vs_dense`` = the dense peer's median time / this op's, at the same requested
+    size, when both ran (> 1: heddle's collective is faster)."""
+    dense = {(r["op"], r["target_bytes"]): r["time_us"] for r in rows}
+    for r in rows:
+        peer = DENSE_PEER.get(r["op"])
+        if peer is not None and (peer, r["target_bytes"]) in dense:
+            r["dense_op"] = peer
+            r["speedup_vs_dense"] = dense[(peer, r["target_bytes"])] / r["time_us"]
 
 
 SCENARIO = Collectives()

@@ -176,6 +176,8 @@ class Training(Scenario):
             ctx.log(f"training {case['config']}: {r['tokens_per_s_per_device']:,.0f} tokens/s/device, "
                     f"step {r['step_time_s'] * 1e3:.1f} ms (comm {r['comm_s'] * 1e3:.1f} ms, "
                     f"stall {r['checkpoint_stall_s'] * 1e3:.1f} ms)")
+        for r in rows:  # side by side: throughput relative to the first config (the baseline)
+            r["vs_first"] = r["tokens_per_s_per_device"] / rows[0]["tokens_per_s_per_device"]
         return rows
 
     @staticmethod
