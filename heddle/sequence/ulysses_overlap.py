@@ -3,7 +3,7 @@
 Forward: the C packed q/k/v all-to-alls (chunk c: each rank's c-th slice of its head units) are
 all started at once, asynchronously; attention on chunk c runs as soon as chunk c has arrived
 (chunks c+1.. are still in flight) and chunk c's output all-to-all starts right after it, while
-chunk c+1 computes. Backward mirrors it: the C gradient scatters start at once; chunk c's attention
+chunk c+1 computes; chunk c's output is unpacked after chunk c+1's attention. Backward mirrors it: the C gradient scatters start at once; chunk c's attention
 backward runs (a reentrant ``torch.autograd.backward`` on the sub-graph kept from the forward) as
 soon as its gradient is in, and its dq/dk/dv all-to-all starts while chunk c+1's backward runs.
 
@@ -56,8 +56,9 @@ class OverlappedUlysses(torch.autograd.Function):
                 o = attn_fn(*(t.transpose(0, 1) for t in leaves), **attn_kwargs)  # [b, s, h_c, d]
             graphs.append((leaves, o))
             gathers.append(gather_start([o.detach().transpose(0, 1)], [qs], group))
-        for g in gathers:
-            gather_finish(g, [out])
+            if len(gathers) > 1:  # the previous chunk's output arrived while this one computed
+                gather_finish(gathers[-2], [out])
+        gather_finish(gathers[-1], [out])
         ctx.plans, ctx.group, ctx.batch_first, ctx.graphs = plans, group, batch_first, graphs
         ctx.shapes = (sl, b)
         return out
@@ -78,7 +79,8 @@ class OverlappedUlysses(torch.autograd.Function):
             grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
             graphs[c] = None  # free the chunk's graph as soon as its gradients exist
             gathers.append(gather_start(grads, (qs, kvs, kvs), group))
-        for pend in gathers:
-            gather_finish(pend, [dq, dk, dv])
+            if len(gathers) > 1:
+                gather_finish(gathers[-2], [dq, dk, dv])
+        gather_finish(gathers[-1], [dq, dk, dv])
         ctx.graphs = None
         return None, None, None, None, None, dq, dk, dv
