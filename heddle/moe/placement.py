@@ -39,7 +39,7 @@ class LoadPredictor:
 
 
 def materialize(predicted: np.ndarray, owners: list[int], *, overlap_degree: int,
-                memory_slots: int) -> list[list[int]]:
+                memory_slots: int, balance: bool = True) -> list[list[int]]:
     """Algorithm 1: the target placement P' for one iteration.
 
     predicted [D, E]: predicted tokens from rank d to expert e. ``overlap_degree`` t: experts that
@@ -47,6 +47,8 @@ def materialize(predicted: np.ndarray, owners: list[int], *, overlap_degree: int
     m: experts a rank may hold besides its own. If t <= m, the top-t experts by predicted load are
     materialized on every rank. Otherwise the D*m slots go to experts in proportion to their load
     (largest remainder), each replica on the rank with free slots that sends it the most tokens.
+    ``balance``: then spend the slots still free on replicas that lower the predicted most loaded
+    rank (:func:`_balance`): owner-bound experts otherwise pile up on a few owners.
     """
     num_devices, num_experts = predicted.shape
     if overlap_degree < 0 or memory_slots < 0:
@@ -57,16 +59,23 @@ def materialize(predicted: np.ndarray, owners: list[int], *, overlap_degree: int
     if overlap_degree <= memory_slots:
         for e in by_load[:overlap_degree]:
             target[e] = set(range(num_devices))
-        return [sorted(t) for t in target]
-    total = float(load.sum())
+    elif float(load.sum()) > 0 and num_devices * memory_slots > 0:
+        _proportional(predicted, target, by_load, memory_slots)
+    if balance and num_devices > 1:
+        free = [memory_slots - sum(1 for e in range(num_experts) if d in target[e] and owners[e] != d)
+                for d in range(num_devices)]
+        _balance(np.rint(predicted).astype(np.int64), target, free)
+    return [sorted(t) for t in target]
+
+
+def _proportional(predicted, target, by_load, memory_slots) -> None:
+    num_devices, num_experts = predicted.shape
+    load = predicted.sum(axis=0)
     slots = num_devices * memory_slots
-    if total <= 0 or slots == 0:
-        return [sorted(t) for t in target]
-    share = slots * load / total
+    share = slots * load / float(load.sum())
     replicas = np.minimum(np.floor(share).astype(np.int64), num_devices - 1)
-    remainder = sorted(range(num_experts), key=lambda e: (-(share[e] - np.floor(share[e])), e))
     spare = slots - int(replicas.sum())
-    for e in remainder:
+    for e in sorted(range(num_experts), key=lambda e: (-(share[e] - np.floor(share[e])), e)):
         if spare <= 0:
             break
         if replicas[e] < num_devices - 1:
@@ -79,7 +88,37 @@ def materialize(predicted: np.ndarray, owners: list[int], *, overlap_degree: int
         for d in candidates[:int(replicas[e])]:
             target[e].add(d)
             free[d] -= 1
-    return [sorted(t) for t in target]
+
+
+def _balance(counts: np.ndarray, target: list[set], free: list[int]) -> None:
+    """Greedy: while a rank has a free slot, replicate the expert bringing the most tokens to the
+    most loaded rank onto the least loaded rank with a free slot, if the predicted maximum drops."""
+    num_devices, num_experts = counts.shape
+    listed = [sorted(t) for t in target]
+    best = dispatch_plan(counts, listed).sum(axis=(0, 1)).max()
+    while any(f > 0 for f in free):
+        load = dispatch_plan(counts, listed).sum(axis=(0, 1))
+        hot = int(np.argmax(load))
+        plan = dispatch_plan(counts, listed)
+        options = sorted((e for e in range(num_experts) if hot in target[e] and plan[:, e, hot].sum() > 0),
+                         key=lambda e: (-int(plan[:, e, hot].sum()), e))
+        moved = False
+        for e in options:
+            spots = sorted((d for d in range(num_devices) if free[d] > 0 and d not in target[e]),
+                           key=lambda d: (load[d], d))
+            if not spots:
+                continue
+            d = spots[0]
+            target[e].add(d)
+            trial = [sorted(t) for t in target]
+            peak = dispatch_plan(counts, trial).sum(axis=(0, 1)).max()
+            if peak < best:
+                best, listed, moved = peak, trial, True
+                free[d] -= 1
+                break
+            target[e].discard(d)
+        if not moved:
+            return
 
 
 def waterfill(loads: np.ndarray, amount: int) -> np.ndarray:

@@ -28,8 +28,7 @@ def test_dispatch_conserves_tokens_and_respects_placement(world, experts, data):
             extra[d] += d != owners[e]
     if t <= m:   # top-t everywhere
         assert sum(len(x) == world for x in target) >= min(t, experts) or world == 1
-    else:        # proportional branch never exceeds the memory slots
-        assert extra.max(initial=0) <= m
+    assert extra.max(initial=0) <= m   # never more replicas on a rank than its memory slots
     plan = dispatch_plan(counts, target)
     assert (plan.sum(axis=2) == counts).all()                       # every token goes somewhere
     for e in range(experts):
@@ -47,6 +46,15 @@ def test_dispatch_levels_load_and_ep_goes_to_owner():
     both = dispatch_plan(counts, [[0, 1], [1], [0], [1]])
     load = both.sum(axis=(0, 1))
     assert load.tolist() == [100, 100]
+
+
+def test_balance_pass_uses_free_slots():
+    counts = np.full((4, 8), 100)
+    owners = round_robin_owners(8, 4)
+    plain = materialize(counts * 1.0, owners, overlap_degree=2, memory_slots=2, balance=False)
+    balanced = materialize(counts * 1.0, owners, overlap_degree=2, memory_slots=2)
+    ratio = [dispatch_plan(counts, t).sum(axis=(0, 1)).max() / 800 for t in (plain, balanced)]
+    assert ratio[0] >= 1.25 and ratio[1] <= 1.1, ratio
 
 
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=6), st.integers(0, 200))
