@@ -92,10 +92,15 @@ def _proportional(predicted, target, by_load, memory_slots) -> None:
 
 def _balance(counts: np.ndarray, target: list[set], free: list[int]) -> None:
     """Greedy: while a rank has a free slot, replicate the expert bringing the most tokens to the
-    most loaded rank onto the least loaded rank with a free slot, if the predicted maximum drops."""
+    most loaded rank onto the least loaded rank with a free slot, if that lowers the predicted
+    (maximum, sum of squares) of the ranks' loads."""
     num_devices, num_experts = counts.shape
+    def score(placement):  # the peak first, then the spread (a tie at the peak is no progress)
+        load = dispatch_plan(counts, placement).sum(axis=(0, 1)).astype(np.float64)
+        return (load.max(), float((load ** 2).sum()))
+
     listed = [sorted(t) for t in target]
-    best = dispatch_plan(counts, listed).sum(axis=(0, 1)).max()
+    best = score(listed)
     while any(f > 0 for f in free):
         load = dispatch_plan(counts, listed).sum(axis=(0, 1))
         hot = int(np.argmax(load))
@@ -111,9 +116,9 @@ def _balance(counts: np.ndarray, target: list[set], free: list[int]) -> None:
             d = spots[0]
             target[e].add(d)
             trial = [sorted(t) for t in target]
-            peak = dispatch_plan(counts, trial).sum(axis=(0, 1)).max()
-            if peak < best:
-                best, listed, moved = peak, trial, True
+            value = score(trial)
+            if value < best:
+                best, listed, moved = value, trial, True
                 free[d] -= 1
                 break
             target[e].discard(d)
