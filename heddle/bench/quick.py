@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
         scenario = found[name]
         cmd = [sys.executable, "-m", "heddle.bench.cli", name, "--nproc", str(args.nproc), "--out", args.out,
                *quick_args(name, scenario)]
-        print(f"\n[quick] ({i + 1}/{len(names)}) {' '.join(['heddle bench', *cmd[3:]])}", flush=True)
+        print(f"\n[quick] ({i + 1}/{len(names)}) heddle bench {shlex.join(cmd[3:])}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:

@@ -214,6 +214,11 @@ def summary_markdown(rows: list[dict], plots: list[Path], image_prefix: str) -> 
         commands = sorted({r.get("command") or "" for r in sub})
         out += [f"## {scenario}", ""]
         out += [f"Command: `{c}`  " for c in commands]
+        for run in sorted({r["run_id"] for r in sub}):
+            e = next(r for r in sub if r["run_id"] == run)
+            out.append(f"Run {e.get('timestamp')} (`{run}`): {e.get('world_size')} process(es) on "
+                       f"{e.get('hosts')}, `{e.get('devices')}`, {e.get('backend')}, git `{e.get('git_commit')}`, "
+                       f"{fmt(e.get('run_wall_s'))} s  ")
         tele = sub[0]
         load = []
         for key, label in (("tele_cpu_pct_mean", "CPU % (mean over ranks)"), ("tele_rss_mb_max", "RSS max (MB)"),

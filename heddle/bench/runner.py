@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import socket
 import sys
 import time
@@ -187,7 +188,7 @@ def _write(scenario: Scenario, options, argv: list[str], rows: list[dict], ranks
     env = results.environment(hosts=hosts, devices=[r["device"] for r in ranks], backend=dist.get_backend(),
                               world_size=len(ranks), launcher=hd.detect_launch_env().source)
     common = {"run_id": run_id, "timestamp": stamp, "scenario": scenario.name, "tag": options.tag,
-              "command": "heddle bench " + " ".join(argv), "config_json": _config(options),
+              "command": "heddle bench " + shlex.join(argv), "config_json": _config(options),
               "run_wall_s": wall}
     tele = _aggregate_telemetry([r["telemetry"] for r in ranks if r["telemetry"]])
     full = [{**common, **row, **tele, **env} for row in rows]
