@@ -125,8 +125,10 @@ def test_registry_and_bad_options(tmp_path):
         coll.selected_ops(_options(coll, ["--ops", "gossip"]))
 
 
-def test_cli_single_process_in_place(tmp_path):
+def test_cli_single_process_in_place(tmp_path, monkeypatch):
     from heddle.bench.cli import main
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # init_distributed exports it; restored after the test
 
     out = tmp_path / "res"
     assert main(["collectives", "--ops", "all_reduce,broadcast", "--max-bytes", "2K", "--factor", "2",
