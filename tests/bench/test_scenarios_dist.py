@@ -172,3 +172,22 @@ def test_registry_accepts_file_names():
     found, _ = registry.discover()
     for name, scenario in found.items():
         assert registry.get(type(scenario).__module__.rsplit(".", 1)[-1]) is scenario
+
+
+def test_runs_inside_mpiexec_without_a_second_launch(tmp_path):
+    import shutil as _shutil
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        mpiexec = _shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
+    out = tmp_path / "res"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "heddle.bench.cli", "collectives",
+                           "--ops", "all_reduce,broadcast", "--min-bytes", "256", "--max-bytes", "256",
+                           "--trials", "2", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = results.read_rows(out)
+    assert len(rows) == 2 and all(r["launcher"] == "mpi" and r["world_size"] == 2 and r["wrong"] == 0 for r in rows)
