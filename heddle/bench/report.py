@@ -7,7 +7,7 @@
 Writes ``DIR/report/summary.md`` and ``DIR/report/*.png``: bus bandwidth vs size (one line per
 collective), tokens/s per device vs config (every row with a ``tokens_per_s_per_device``
 column) and the training step-time breakdown (compute / communication / checkpoint stall). ``--markdown PATH`` also writes the summary to PATH with its plots copied to
-``PATH's folder/img/``.
+``PATH's folder/img/<PATH's stem>/``.
 """
 
 from __future__ import annotations
@@ -259,11 +259,11 @@ def build_report(out_dir: str | os.PathLike, *, all_runs: bool = False, markdown
     summary.write_text(summary_markdown(rows, written, ""))
     if markdown:
         target = Path(markdown)
-        img = target.parent / "img"
+        img = target.parent / "img" / target.stem
         img.mkdir(parents=True, exist_ok=True)
         for p in written:
             shutil.copyfile(p, img / p.name)
-        target.write_text(summary_markdown(rows, written, "img/"))
+        target.write_text(summary_markdown(rows, written, f"img/{target.stem}/"))
     if show:
         print(f"report: {summary}" + "".join(f"\n        {p}" for p in written)
               + (f"\n        {markdown}" if markdown else ""))

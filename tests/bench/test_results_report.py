@@ -84,8 +84,8 @@ def test_report_from_small_set(tmp_path, capsys):
     for png in ("bandwidth_vs_size.png", "tokens_per_s.png", "step_breakdown.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-        assert (md.parent / "img" / png).exists()
-        assert f"](img/{png})" in md.read_text() and f"]({png})" in summary
+        assert (md.parent / "img" / "benchmarks" / png).exists()
+        assert f"](img/benchmarks/{png})" in md.read_text() and f"]({png})" in summary
     # only the newest collectives run is summarised: 4 rows, not the old 99 us one
     coll = summary.split("## collectives")[1].split("##")[0]
     assert coll.count("| all_") == 4 and "| 99 |" not in coll
