@@ -79,6 +79,9 @@ class MoE(nn.Module):
             self.router.weight.copy_(torch.randn(num_experts, d_model, generator=g, dtype=torch.float64) * init_std)
         self.experts = ExpertStore(num_experts, self.expert_numel)
         self.predictor = LoadPredictor(window)
+        # [world_size, owner of expert 0, ...]: saved with the model so a resume at the same world
+        # size adopts the owners before the experts load (each rank then finds its own experts).
+        self.register_buffer("layout", torch.zeros(1 + num_experts, dtype=torch.int64))
         self.owners: list[int] = []
         self.set_owners(round_robin_owners(num_experts, self.world_size), init=True)
         self._prefetched = None
@@ -97,6 +100,7 @@ class MoE(nn.Module):
         if len(owners) != self.num_experts or any(not 0 <= o < self.world_size for o in owners):
             raise ValueError(f"owners={owners} must give one rank in [0, {self.world_size}) per expert")
         self.owners = [int(o) for o in owners]
+        self.layout.copy_(torch.tensor([self.world_size, *self.owners], dtype=torch.int64))
         for e, o in enumerate(self.owners):
             p = self.experts.expert(e)
             if init:
@@ -115,6 +119,17 @@ class MoE(nn.Module):
             elif o != self.rank and p.numel():
                 p.data, p.grad = torch.empty(0, dtype=self.dtype), None
         self.set_owners(list(owners))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "layout")
+        current = self.layout.clone()
+        if saved is not None and int(saved[0]) == self.world_size:
+            owners = [int(o) for o in saved[1:]]
+            if owners != self.owners:
+                self.adopt_owners(owners)
+            current = self.layout.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.layout.copy_(current)  # another world size: keep this run's owners
 
     def owned_experts(self) -> list[int]:
         return [e for e, o in enumerate(self.owners) if o == self.rank]

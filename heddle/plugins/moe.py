@@ -89,19 +89,6 @@ class Plugin(TrainerPlugin):
                 "moe_replicas": sum(s["replicas"] for s in stats),
                 "moe_experts_moved": float(self.moved)}
 
-    def state_dict(self) -> dict:
-        return {"owners": [list(layer.owners) for layer in self.layers],
-                "world_size": self.layers[0].world_size if self.layers else 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Same world size: adopt the saved owners (before the model's state dict is loaded, each
-        rank then finds its experts in its own shard). Another world size: keep the fresh owners
-        and load a state dict merged with :func:`heddle.moe.merge_expert_shards`."""
-        if state.get("world_size") != (self.layers[0].world_size if self.layers else 0):
-            return
-        for layer, owners in zip(self.layers, state["owners"]):
-            layer.adopt_owners(owners)
-
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
