@@ -57,6 +57,7 @@ class Plugin(TrainerPlugin):
         from heddle.sequence.adaptive.background import BackgroundPlanner
         from heddle.sequence.adaptive.cost_model import PRESETS
         from heddle.sequence.adaptive.executor import AdaptiveExecutor
+        from heddle.sequence.adaptive.planner import allowed_degrees
 
         if trainer.config.grad_accum_steps != 1:
             raise ValueError(f"adaptive_sequence_parallel plans the micro-batches itself: use grad_accum_steps=1, "
@@ -76,8 +77,12 @@ class Plugin(TrainerPlugin):
         else:
             raise ValueError(f"adaptive_sequence_parallel.cost_model={cfg.cost_model!r}: use 'calibrate', a preset "
                              f"({sorted(PRESETS)}) or the path of a CostModel JSON file")
+        # Ulysses needs a query head per rank: no group larger than the fewest heads of any layer
+        heads = [m.n_heads for m in trainer.module.modules() if hasattr(m, "n_heads")]
+        limit = min([trainer.world_size] + heads)
+        degrees = [d for d in allowed_degrees(trainer.world_size, self.cost_model) if d <= limit]
         self.planner = BackgroundPlanner(trainer.world_size, self.cost_model, group=trainer.group,
-                                         max_tokens_per_device=cfg.max_tokens_per_device,
+                                         max_tokens_per_device=cfg.max_tokens_per_device, degrees=degrees,
                                          time_limit=cfg.time_limit, solver=cfg.solver)
         self.last: dict[str, float] = {}
         trainer.adaptive_sp = self
