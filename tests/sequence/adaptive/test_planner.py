@@ -38,7 +38,7 @@ def check_plan(plan: Plan, cm: CostModel, capacity: int) -> None:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=st.lists(st.integers(1, 700), min_size=1, max_size=24),
+@given(lengths=st.lists(st.integers(1, 400), min_size=1, max_size=24),
        devices=st.integers(1, 16), solver=st.sampled_from(["greedy", "milp"]))
 def test_plan_is_valid(lengths, devices, solver):
     cm = small_model()
