@@ -29,43 +29,26 @@ import torch.distributed as dist
 from heddle.bench.scenario import BenchContext, Scenario, summarize
 from heddle.data import sample_lengths
 from heddle.sequence.adaptive import CostModel, plan_batch
+from heddle.sequence.adaptive.greedy import assignment_time, homogeneous_lpt
 from heddle.sequence.adaptive.planner import allowed_degrees
 
 
 def static_time(lengths, num_devices: int, cm: CostModel, degree: int, capacity: int, *,
                 balanced: bool = True) -> float:
-    """One degree everywhere, no barriers: N/d groups, each running its sequences in micro-batches
-    of <= d*capacity tokens (first-fit decreasing), paying the fixed overhead once per micro-batch.
-    ``balanced``: longest work first onto the least-loaded group (better than any framework does
-    today); else DeepSpeed/Megatron data parallelism: equal numbers of sequences per group in
-    sampler order. inf if a sequence does not fit."""
-    if any(s > degree * capacity for s in lengths):
-        return float("inf")
-    groups = num_devices // degree
-    load = np.zeros(groups)
-    members = [[] for _ in range(groups)]
+    """One degree everywhere: N/d lanes, each running its sequences in memory-bounded
+    micro-batches (:func:`split_lane`) without barriers. ``balanced``: longest work first onto the
+    least-loaded lane (exactly the planner's homogeneous baseline; better than any static-SP
+    framework balances today); else DeepSpeed/Megatron data parallelism: equal numbers of
+    sequences per group in sampler order. inf if a sequence does not fit."""
+    idx = list(range(len(lengths)))
     if balanced:
-        for s in sorted(lengths, reverse=True):
-            g = int(np.argmin(load))
-            load[g] += cm.work(s, degree)
-            members[g].append(s)
+        lanes = homogeneous_lpt(idx, lengths, num_devices, cm, degree, capacity)
+    elif all(s <= degree * capacity for s in lengths):
+        groups = num_devices // degree
+        lanes = [(degree, [k for k in idx if k * groups // len(lengths) == g]) for g in range(groups)]
     else:
-        for i, s in enumerate(lengths):
-            g = i * groups // len(lengths)
-            load[g] += cm.work(s, degree)
-            members[g].append(s)
-    worst = 0.0
-    for g in range(groups):
-        bins: list[int] = []
-        for s in members[g]:
-            for i, used in enumerate(bins):
-                if used + s <= degree * capacity:
-                    bins[i] += s
-                    break
-            else:
-                bins.append(s)
-        worst = max(worst, load[g] + len(bins) * cm.overhead(degree))
-    return float(worst)
+        lanes = None
+    return float("inf") if lanes is None else assignment_time(lanes, lengths, cm, capacity)
 
 
 def simulate(kind: str, *, preset: str = "a100-80g-ib", devices: int = 64, seqs: int = 512, batches: int = 4,

@@ -159,3 +159,20 @@ def test_preset_scale_plan_beats_homogeneous():
     plan = plan_batch(lengths, 64, cm, time_limit=1.0)
     check_plan(plan, cm, cm.token_capacity)
     assert plan.predicted_time < plan.baseline_time
+
+
+def test_simulation_baselines_are_consistent():
+    """The benchmark's balanced static baseline is the planner's homogeneous baseline, so the
+    adaptive plan is never predicted slower; data-order static is never faster than balanced."""
+    from heddle.bench.scenarios.adaptive_sp import simulate, static_time
+
+    cm = CostModel.preset("a100-80g-ib")
+    lengths = np.minimum(np.exp(np.random.default_rng(2).normal(8.5, 1.3, 96)).astype(int) + 16, 120_000).tolist()
+    plan = plan_batch(lengths, 16, cm, solver="greedy")
+    times = {d: static_time(lengths, 16, cm, d, cm.token_capacity) for d in (1, 2, 4, 8, 16)}
+    assert plan.baseline_time == pytest.approx(min(times.values()))
+    for d, t in times.items():
+        assert static_time(lengths, 16, cm, d, cm.token_capacity, balanced=False) >= t * (1 - 1e-9)
+    row = simulate("encyclopedia", devices=16, seqs=48, batches=2, max_len=60_000)
+    assert row["speedup_vs_static"] >= 1 - 1e-9 and row["speedup_vs_per_batch"] >= 1 - 1e-9
+    assert row["best_per_batch_s"] <= row["best_static_s"] * (1 + 1e-9)
