@@ -96,7 +96,7 @@ def _torch_powersgd_child(rank, world, init_file, sizes, warmup, trials, results
     out = {}
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
+                                timeout=timedelta(seconds=60))
         ctx = BenchContext(rank, world)
         for size in sizes:
             try:
@@ -106,11 +106,14 @@ def _torch_powersgd_child(rank, world, init_file, sizes, warmup, trials, results
                                            warm_start=True)
                 times, _ = _time_ddp(ctx, size, state, psgd.powerSGD_hook, warmup, trials, rank)
                 out[size] = {"times": times, "noop": noop}
-            except Exception:  # noqa: BLE001 - the failure is the result
-                out[size] = {"error": traceback.format_exc(limit=3).strip().splitlines()[-1]}
+            except Exception as exc:  # noqa: BLE001 - the failure is the result
+                text = " ".join(str(exc).split())
+                innermost = text.split("RuntimeError: ")[-1].split(" At: ")[0]
+                where = [w.split("(")[1].split(")")[1] for w in text.split(" At: ")[1:2] if "(" in w]
+                out[size] = {"error": f"{type(exc).__name__}: {innermost}" + (f" in {where[0]}" if where else "")}
                 break      # the group is unusable after a collective mismatch
-    except Exception:  # noqa: BLE001
-        out["setup"] = {"error": traceback.format_exc(limit=3).strip().splitlines()[-1]}
+    except Exception as exc:  # noqa: BLE001
+        out["setup"] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
     results.put((rank, out))
 
 
@@ -129,6 +132,7 @@ def torch_powersgd(sizes, warmup, trials, timeout=900.0) -> dict:
         try:
             rank, out = results.get(timeout=1.0)
             got[rank] = out
+            deadline = min(deadline, time.monotonic() + 30)   # a peer may be stuck in a collective
         except Exception:  # noqa: BLE001 - queue.Empty: check for crashed children
             if all(p.exitcode is not None for p in procs) and results.empty():
                 break
@@ -136,10 +140,19 @@ def torch_powersgd(sizes, warmup, trials, timeout=900.0) -> dict:
         if p.is_alive():
             p.kill()
         p.join(timeout=10)
-    if 0 not in got:
+    if not got:
         codes = [p.exitcode for p in procs]
         return {s: {"error": f"processes exited with codes {codes} and no result (gloo abort)"} for s in sizes}
-    return got[0]
+    merged = dict(got.get(0, {}))
+    for rank, out in sorted(got.items()):     # the first error any rank saw
+        for size, res in out.items():
+            if "error" in res and "error" not in merged.get(size, {}):
+                merged[size] = {"error": f"rank {rank}: {res['error']}"}
+    stuck = [r for r in range(2) if r not in got]
+    for size, res in merged.items():
+        if stuck and "error" in res:
+            res["error"] += f" (rank(s) {stuck} hung in the hook's collectives)"
+    return merged
 
 
 def comm_rows(ctx: BenchContext, options) -> list[dict]:
