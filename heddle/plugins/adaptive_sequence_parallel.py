@@ -38,7 +38,7 @@ class Config:
     cost_model: str = "calibrate"          # "calibrate", a preset name, or a CostModel JSON path
     max_tokens_per_device: int | None = None  # activation tokens per device (default: memory)
     device_bytes: float | None = None      # memory per device for calibration (default: RAM / local ranks)
-    time_limit: float = 0.8                # planner budget per step, seconds
+    time_limit: float = 0.5                # planner budget per step, seconds
     solver: str = "milp"                   # "milp" or "greedy"
     calibration_lengths: tuple = (64, 128, 256, 512)
 

@@ -52,7 +52,7 @@ def static_time(lengths, num_devices: int, cm: CostModel, degree: int, capacity:
 
 
 def simulate(kind: str, *, preset: str = "a100-80g-ib", devices: int = 64, seqs: int = 512, batches: int = 4,
-             max_len: int = 192 * 1024, seed: int = 0, time_limit: float = 0.8) -> dict:
+             max_len: int = 192 * 1024, seed: int = 0, time_limit: float = 0.5) -> dict:
     cm = CostModel.preset(preset)
     cap = cm.token_capacity
     pool = allowed_degrees(devices, cm)
@@ -80,7 +80,7 @@ def simulate(kind: str, *, preset: str = "a100-80g-ib", devices: int = 64, seqs:
 
 
 def planner_times(devices: int, *, seqs: int = 512, trials: int = 10, kind: str = "code", seed: int = 100,
-                  preset: str = "a100-80g-ib", time_limit: float = 0.8, solver: str = "milp") -> dict:
+                  preset: str = "a100-80g-ib", time_limit: float = 0.5, solver: str = "milp") -> dict:
     cm = CostModel.preset(preset)
     times, statuses, mbs, gains = [], [], [], []
     for t in range(trials):
@@ -181,7 +181,7 @@ class AdaptiveSPScenario(Scenario):
         g.add_argument("--seqs", type=int, default=512)
         g.add_argument("--batches", type=int, default=4)
         g.add_argument("--max-len", type=int, default=192 * 1024)
-        g.add_argument("--time-limit", type=float, default=0.8)
+        g.add_argument("--time-limit", type=float, default=0.5)
         g.add_argument("--planner-devices", default="64,256")
         g.add_argument("--planner-trials", type=int, default=10)
         g.add_argument("--real-steps", type=int, default=6)

@@ -32,6 +32,15 @@ def read_lengths(path: str) -> list[int]:
     return out
 
 
+def _micro(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor an integer") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="heddle plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-model", help="a cost model JSON (CostModel.save / calibrate); overrides --preset")
     p.add_argument("--devices", type=int, default=64)
     p.add_argument("--max-tokens-per-device", type=int, default=None)
-    p.add_argument("--time-limit", type=float, default=0.8)
+    p.add_argument("--time-limit", type=float, default=0.5)
+    p.add_argument("--micro-batches", type=_micro, default="auto", help="'auto' or the most micro-batches a lane may run")
     p.add_argument("--solver", choices=("milp", "greedy"), default="milp")
     p.add_argument("--rows", type=int, default=40, help="lanes shown in the table")
     p.add_argument("--json", help="also write the plan as JSON to this path")
@@ -60,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("give a lengths file or --generate KIND")
         cm = CostModel.load(args.cost_model) if args.cost_model else CostModel.preset(args.preset)
         plan = plan_batch(lengths, args.devices, cm, max_tokens_per_device=args.max_tokens_per_device,
-                          time_limit=args.time_limit, solver=args.solver)
+                          time_limit=args.time_limit, solver=args.solver,
+                          micro_batches=args.micro_batches)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"heddle plan: {e}", file=sys.stderr)
         return 2

@@ -80,12 +80,15 @@ def homogeneous_lpt(indices, lengths, num_devices: int, cm: CostModel, degree: i
     return [(degree, m) for m in members if m]
 
 
-def _pack_at(target, order, lengths, num_devices, cm, degrees, capacity, work) -> Assignment | None:
+def _pack_at(target, order, lengths, num_devices, cm, degrees, capacity, work, max_micro=None) -> Assignment | None:
     lanes: dict[int, list[list]] = {d: [] for d in degrees}  # degree -> [[work, tokens, members]]
     used = 0
 
     def estimate(d, w, tokens):
-        return w + cm.overhead(d) * math.ceil(tokens / (d * capacity))
+        micro = math.ceil(tokens / (d * capacity))
+        if max_micro is not None and micro > max_micro:
+            return float("inf")
+        return w + cm.overhead(d) * micro
 
     for k in order:
         s = lengths[k]
@@ -113,7 +116,7 @@ def _pack_at(target, order, lengths, num_devices, cm, degrees, capacity, work) -
 
 
 def target_packing(indices, lengths, num_devices: int, cm: CostModel, degrees, capacity: int,
-                   iterations: int = 30) -> Assignment | None:
+                   iterations: int = 30, max_micro: int | None = None) -> Assignment | None:
     """Bisection on the step time with first-fit lanes; None when no target works."""
     degrees = sorted(d for d in degrees if d <= num_devices)
     if not degrees or not indices:
@@ -125,12 +128,12 @@ def target_packing(indices, lengths, num_devices: int, cm: CostModel, degrees, c
     work = {k: {d: cm.work(lengths[k], d) for d in fits[k]} for k in indices}
     lo = max(min(work[k][d] + cm.overhead(d) for d in fits[k]) for k in indices)
     hi = sum(max(work[k].values()) + max(cm.overhead(d) for d in fits[k]) for k in indices) + lo
-    best = _pack_at(hi, order, lengths, num_devices, cm, degrees, capacity, work)
+    best = _pack_at(hi, order, lengths, num_devices, cm, degrees, capacity, work, max_micro)
     if best is None:
         return None
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        got = _pack_at(mid, order, lengths, num_devices, cm, degrees, capacity, work)
+        got = _pack_at(mid, order, lengths, num_devices, cm, degrees, capacity, work, max_micro)
         if got is None:
             lo = mid
         else:
@@ -140,13 +143,21 @@ def target_packing(indices, lengths, num_devices: int, cm: CostModel, degrees, c
     return best
 
 
+def within_micro(assignment: Assignment | None, lengths, capacity: int, max_micro: int | None) -> bool:
+    """True if every lane of ``assignment`` needs at most ``max_micro`` micro-batches (None: any)."""
+    if assignment is None:
+        return False
+    return max_micro is None or all(len(split_lane(idx, lengths, d, capacity)) <= max_micro for d, idx in assignment)
+
+
 def greedy_assignment(indices, lengths, num_devices: int, cm: CostModel, degrees, capacity: int,
-                      with_homogeneous: bool = True) -> Assignment | None:
-    """The better of target-time packing and every homogeneous LPT; None if nothing fits."""
-    candidates = [target_packing(indices, lengths, num_devices, cm, degrees, capacity)]
+                      with_homogeneous: bool = True, max_micro: int | None = None) -> Assignment | None:
+    """The better of target-time packing and every homogeneous LPT (lanes within ``max_micro``
+    micro-batches); None if nothing fits."""
+    candidates = [target_packing(indices, lengths, num_devices, cm, degrees, capacity, max_micro=max_micro)]
     if with_homogeneous:
         candidates += [homogeneous_lpt(indices, lengths, num_devices, cm, d, capacity) for d in degrees]
-    valid = [c for c in candidates if c is not None]
+    valid = [c for c in candidates if within_micro(c, lengths, capacity, max_micro)]
     if not valid:
         return None
     return min(valid, key=lambda a: assignment_time(a, lengths, cm, capacity))

@@ -49,7 +49,7 @@ class MilpResult:
 
 def solve_lanes(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capacity: int, *,
                      warm_start: list[tuple[int, list[int]]] | None = None, time_limit: float = 1.0,
-                     mip_rel_gap: float = 1e-3) -> MilpResult:
+                     mip_rel_gap: float = 1e-3, max_micro: int | None = None) -> MilpResult:
     start = time.perf_counter()
     reps, counts = buckets.lengths, buckets.counts
     nq = len(reps)
@@ -66,6 +66,8 @@ def solve_lanes(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capa
         col_of_m.append(len(lower))
         lower.append(0.0), upper.append(1.0), integ.append(1)
         n_max.append(float(-(-sum(reps[q] * counts[q] for q in eligible) // (d * capacity))))
+        if max_micro is not None:
+            n_max[-1] = float(min(n_max[-1], max_micro))
         col_of_n.append(len(lower))
         lower.append(0.0), upper.append(n_max[-1]), integ.append(1)
         for q in eligible:

@@ -23,7 +23,7 @@ import time
 from heddle.sequence.adaptive.bucketing import bucket_lengths
 from heddle.sequence.adaptive.cost_model import CostModel, min_degree_for
 from heddle.sequence.adaptive.greedy import (assignment_time, greedy_assignment, homogeneous_lpt, lane_time,
-                                             split_lane)
+                                             split_lane, within_micro)
 from heddle.sequence.adaptive.milp import solve_lanes
 from heddle.sequence.adaptive.plan import MicroBatch, Plan, layout_groups
 
@@ -54,12 +54,14 @@ def allowed_degrees(num_devices: int, cm: CostModel, degrees=None) -> list[int]:
 
 
 def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_per_device: int | None = None,
-               time_limit: float = 0.8, num_buckets: int = 16, solver: str = "milp",
+               time_limit: float = 0.5, micro_batches="auto", num_buckets: int = 16, solver: str = "milp",
                degrees=None, mip_rel_gap: float = 1e-3) -> Plan:
     """Plan one global batch of sequences (``lengths[k]`` tokens) on ``num_devices`` devices.
 
     ``max_tokens_per_device``: activation tokens per device (default: the cost model's memory
-    capacity; the smaller of the two is used).
+    capacity; the smaller of the two is used). ``micro_batches``: "auto" (each lane runs as many
+    memory-bounded micro-batches as it needs) or an int M, the most any lane may run (M=1: the
+    whole batch at once, FlexSP's single micro-batch).
     ``solver``: "milp" (HiGHS, greedy warm start) or "greedy". ``degrees``: restrict the group
     sizes (e.g. ``(4,)`` for a homogeneous plan). ``time_limit``: seconds for the whole call; the
     MILP gets what the greedy search leaves (the greedy plan is always there to fall back on).
@@ -72,6 +74,10 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
         raise ValueError(f"solver={solver!r}: valid are 'milp', 'greedy'")
     if not time_limit > 0:
         raise ValueError(f"time_limit={time_limit} must be positive (seconds)")
+    if micro_batches != "auto" and (isinstance(micro_batches, bool) or not isinstance(micro_batches, int)
+                                    or micro_batches < 1):
+        raise ValueError(f"micro_batches={micro_batches!r} must be 'auto' or a positive integer")
+    max_micro = None if micro_batches == "auto" else micro_batches
     capacity = cost_model.token_capacity
     if max_tokens_per_device is not None:
         if max_tokens_per_device < 1:
@@ -84,15 +90,16 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
                          f"devices x {capacity} tokens = {pool[-1] * capacity} tokens): (index, length) "
                          f"{too_long[:5]}; use more devices, shorter sequences or less memory per token")
     everyone = list(range(len(lengths)))
-    best = greedy_assignment(everyone, lengths, num_devices, cost_model, pool, capacity)
+    best = greedy_assignment(everyone, lengths, num_devices, cost_model, pool, capacity, max_micro=max_micro)
     if best is None:
-        raise ValueError(f"no valid plan for {len(lengths)} sequences on {num_devices} devices with capacity "
-                         f"{capacity} tokens/device and degrees {pool}")
+        raise ValueError(f"no valid plan for {len(lengths)} sequences ({sum(lengths)} tokens) on {num_devices} "
+                         f"devices with capacity {capacity} tokens/device, degrees {pool} and micro_batches="
+                         f"{micro_batches!r}; allow more micro-batches or devices")
     best_time = assignment_time(best, lengths, cost_model, capacity)
     base_time, base_degree, base = float("nan"), 0, None
     for d in pool:
         a = homogeneous_lpt(everyone, lengths, num_devices, cost_model, d, capacity)
-        if a is not None:
+        if within_micro(a, lengths, capacity, max_micro):
             t = assignment_time(a, lengths, cost_model, capacity)
             if base is None or t < base_time:
                 base_time, base_degree, base = t, d, a
@@ -108,13 +115,14 @@ def plan_batch(lengths, num_devices: int, cost_model: CostModel, *, max_tokens_p
             for k in members:
                 rounded[k] = rep
         # warm start: greedy on the bucket representatives (valid for the program as well)
-        warm = greedy_assignment(everyone, rounded, num_devices, cost_model, pool, capacity, with_homogeneous=False)
+        warm = greedy_assignment(everyone, rounded, num_devices, cost_model, pool, capacity, with_homogeneous=False,
+                                 max_micro=max_micro)
         remaining = 0.9 * time_limit - (time.perf_counter() - start)
         result = solve_lanes(buckets, num_devices, cost_model, pool, capacity, warm_start=warm,
-                             time_limit=max(remaining, 1e-3), mip_rel_gap=mip_rel_gap)
+                             time_limit=max(remaining, 1e-3), mip_rel_gap=mip_rel_gap, max_micro=max_micro)
         status, gap, solver_used = result.status, result.gap, "milp"
         for candidate in (warm, result.assignment):
-            if candidate is not None:
+            if within_micro(candidate, lengths, capacity, max_micro):
                 t = assignment_time(candidate, lengths, cost_model, capacity)
                 if t < best_time:
                     best, best_time = candidate, t

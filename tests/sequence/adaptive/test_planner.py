@@ -135,6 +135,13 @@ def test_errors_and_microbatches(tmp_path):
     check_plan(plan, cm, 100)
     assert len(plan.micro_batches) >= 3
     assert "predicted step time" in plan.table() and "best homogeneous plan" in plan.table()
+    capped = plan_batch([100] * 10, 8, cm, micro_batches=2, time_limit=1.0)  # 8 lanes, <= 2 micro-batches
+    check_plan(capped, cm, 100)
+    assert len(capped.micro_batches) <= 2
+    with pytest.raises(ValueError, match="no valid plan .* micro_batches=2"):
+        plan_batch([100] * 10, 4, cm, micro_batches=2)  # 1000 tokens > 4 devices x 100 x 2
+    with pytest.raises(ValueError, match="micro_batches=0"):
+        plan_batch([10], 4, cm, micro_batches=0)
     # max_tokens_per_device tightens the memory
     tight = plan_batch([60, 60], 2, cm, max_tokens_per_device=60, solver="greedy")
     check_plan(tight, cm, 60)
