@@ -115,7 +115,8 @@ class Checkpointer:
         self._memory_steps: list[Snapshot] = []      # copied, held as memory snapshots (oldest first)
         self._durable_step = -1
         self._durable_steps: list[int] = []
-        self._committed_step = -1
+        self._committed_step = -1          # newest step whose commit was decided (all ranks)
+        self.committed_step = -1           # rank 0: newest manifest on disk
         self._protected_step = -1
         self._stale_cleaned = False
         self._writer_error: BaseException | None = None
@@ -184,6 +185,7 @@ class Checkpointer:
                     for step in steps:
                         try:
                             write_manifest(self.directory, step, world)
+                            self.committed_step = max(self.committed_step, step)
                         except FileNotFoundError:   # flush="latest": some rank skipped this step
                             log.debug("checkpoint: step %s not on every rank, not committed", step)
                     deleted = apply_retention(self.directory, self.keep)
