@@ -47,14 +47,15 @@ class OverlappedUlysses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans, group, batch_first, attn_fn, attn_kwargs, q, k, v):
         sl, b = q.shape[:2]
+        needs_grad = any(ctx.needs_input_grad[5:8])
         pending = [scatter_start([q, k, v], (qs, kvs, kvs), group) for qs, kvs in plans]
         (out,) = new_outputs(q, [plans[0][0]], sl, b, batch_first)
         gathers, graphs = [], []
         for (qs, _), p in zip(plans, pending):
-            leaves = [t.detach().requires_grad_(True) for t in scatter_finish(p)]
-            with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(needs_grad) for t in scatter_finish(p)]
+            with torch.set_grad_enabled(needs_grad):  # inference keeps no sub-graphs
                 o = attn_fn(*(t.transpose(0, 1) for t in leaves), **attn_kwargs)  # [b, s, h_c, d]
-            graphs.append((leaves, o))
+            graphs.append((leaves, o) if needs_grad else None)
             gathers.append(gather_start([o.detach().transpose(0, 1)], [qs], group))
             if len(gathers) > 1:  # the previous chunk's output arrived while this one computed
                 gather_finish(gathers[-2], [out])

@@ -114,7 +114,10 @@ def _check_ledger(rank, world):
                       for h in (4 * world, 2 * world, 2 * world))
         attn = UlyssesAttention(check="never", overlap_chunks=2)
         with CommLedger() as both:
-            attn(q2, k2, v2).sum().backward()
+            out2 = attn(q2, k2, v2)
+            out2.sum().backward()
+        with torch.no_grad():  # inference: same values, no sub-graphs kept
+            assert torch.equal(attn(q2, k2, v2), out2.detach())
         assert both.bytes_sent("all_to_all", tag="ulysses") == 4 * expected and both.count("all_to_all") == 8
         with pytest.raises(ValueError, match="overlap_chunks=3"):
             UlyssesAttention(check="never", overlap_chunks=3)(q2, k2, v2)
