@@ -183,3 +183,23 @@ def test_simulation_baselines_are_consistent():
     row = simulate("encyclopedia", devices=16, seqs=48, batches=2, max_len=60_000)
     assert row["speedup_vs_static"] >= 1 - 1e-9 and row["speedup_vs_per_batch"] >= 1 - 1e-9
     assert row["best_per_batch_s"] <= row["best_static_s"] * (1 + 1e-9)
+
+
+def test_milp_accepts_the_greedy_warm_start():
+    """With almost no time, the MILP still returns an incumbent: the greedy plan it was seeded with."""
+    from heddle.data import sample_lengths
+    from heddle.sequence.adaptive.greedy import greedy_assignment
+
+    cm = CostModel.preset("a100-80g-ib")
+    cap = cm.token_capacity
+    lengths = sample_lengths("encyclopedia", 512, seed=3).tolist()
+    buckets = bucket_lengths(lengths, 16)
+    rounded = [0] * len(lengths)
+    for rep, members in zip(buckets.lengths, buckets.members):
+        for k in members:
+            rounded[k] = rep
+    degrees = [1, 2, 4, 8, 16, 32, 64]
+    warm = greedy_assignment(list(range(512)), rounded, 64, cm, degrees, cap, with_homogeneous=False)
+    result = solve_lanes(buckets, 64, cm, degrees, cap, warm_start=warm, time_limit=0.01)
+    assert result.assignment is not None
+    assert result.objective <= assignment_time(warm, rounded, cm, cap) * (1 + 1e-9)
