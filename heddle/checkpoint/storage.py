@@ -251,3 +251,46 @@ def apply_retention(directory: str, keep: int) -> list[int]:
     for step in doomed:
         remove_step(directory, step)
     return sorted(doomed)
+
+
+_BLOB_MAGIC = b"HEDDLEB1"
+
+
+def write_blob(path: str, index: RankIndex, data: np.ndarray) -> None:
+    """One self-describing file: magic, index length, index (with its CRC trailer), the data
+    bytes, and a CRC-32 of the data; written through temp file + fsync + rename + dir fsync."""
+    index.file_crc = 0
+    for start in range(0, index.nbytes, _CHUNK):
+        index.file_crc = zlib.crc32(data[start:min(start + _CHUNK, index.nbytes)], index.file_crc)
+    header = encode_index(index)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(_BLOB_MAGIC + len(header).to_bytes(8, "little") + header)
+        f.write(memoryview(data[:index.nbytes]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_blob(path: str) -> tuple[RankIndex, torch.Tensor]:
+    """Read and verify a :func:`write_blob` file; per-tensor CRCs via :func:`tensors_from_buffer`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if len(head) < 16 or head[:8] != _BLOB_MAGIC:
+                raise CorruptCheckpoint(f"{path}: not a heddle checkpoint file (bad magic or {len(head)}-byte file)")
+            index = decode_index(f.read(int.from_bytes(head[8:], "little")), path)
+            buf = torch.empty(index.nbytes, dtype=torch.uint8)
+            got = f.readinto(memoryview(buf.numpy()))
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path}: missing") from None
+    if got != index.nbytes:
+        raise CorruptCheckpoint(f"{path}: data is {got} bytes, the index says {index.nbytes} (truncated)")
+    crc = 0
+    arr = buf.numpy()
+    for start in range(0, index.nbytes, _CHUNK):
+        crc = zlib.crc32(arr[start:start + _CHUNK], crc)
+    if crc != index.file_crc:
+        raise CorruptCheckpoint(f"{path}: data CRC-32 {crc:08x} != {index.file_crc:08x} (flipped bytes)")
+    return index, buf
