@@ -13,7 +13,9 @@ re-shards once (Algorithm 2) after the first warmup calls.
 
 Columns: forward+backward time of the layer (median over interleaved trials, slowest rank);
 ``max_over_mean``: the most loaded rank's processed tokens over the mean; ``recv_MB``: bytes the
-busiest rank receives per iteration (all the layer's collectives); ``spag_MB``: spAG + spRS bytes
+busiest rank receives per iteration (all the layer's collectives); ``cpu_busiest_s``: the
+median CPU seconds (process time, all threads) of one call on the busiest rank, the critical-path
+work without the noise of a shared machine (``cpu_vs_ep``: EP's / this); ``spag_MB``: spAG + spRS bytes
 (whole group), with ``lambda`` = spAG chunks moved / (E * (D-1)) (1.0 would be a full
 all-gather); ``vs_ep`` = EP's time / this time at the same skew.
 Overlap cases (skew 1.0) put a dense 4-projection "attention" (forward + backward) before the
@@ -24,6 +26,7 @@ plugin does.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -142,18 +145,27 @@ class MoEScenario(Scenario):
             ctx.log(f"moe: setup {case['impl']} skew {case['skew']}")
             self.setup(ctx, options, case)
         times = {i: [] for i in range(len(cases))}
+        cpu = {i: [] for i in range(len(cases))}
         for _ in range(options.trials):
             for i, case in enumerate(cases):
-                times[i].append(ctx.timed(lambda: self.step(ctx, options, case)))
+                def call(i=i, case=case):
+                    start = time.process_time()
+                    self.step(ctx, options, case)
+                    cpu[i].append(time.process_time() - start)
+                times[i].append(ctx.timed(call))
         rows = []
         for i, case in enumerate(cases):
             row = {"scenario": self.name, "skew": case["skew"], "impl": case["impl"], **summarize(times[i])}
+            busiest = torch.tensor([sorted(cpu[i])[len(cpu[i]) // 2]], dtype=torch.float64)
+            hd.all_reduce(busiest, op=dist.ReduceOp.MAX, group=ctx.group)
+            row["cpu_busiest_s"] = float(busiest)
             row.update(self.metrics(ctx, options, case, times[i]))
             rows.append(row)
         for row in rows:
             ep = next(r for r in rows if r["skew"] == row["skew"] and r["impl"] == "ep")
             base = next((r for r in rows if r["impl"] == "ep+attn"), ep) if "attn" in row["impl"] else ep
             row["vs_ep"] = base["median_s"] / row["median_s"]
+            row["cpu_vs_ep"] = base["cpu_busiest_s"] / row["cpu_busiest_s"]
         return rows
 
 
