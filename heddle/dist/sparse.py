@@ -69,7 +69,10 @@ def _exchange(sends: dict[int, list[torch.Tensor]], recv_counts: dict[int, int],
     """Post one packed message per peer; returns (works, {peer: received [n, *chunk_shape]})."""
     ops, received = [], {}
     for peer, chunks in sorted(sends.items()):
-        payload = torch.stack([c.reshape(chunk_shape) for c in chunks]).to(dtype).contiguous()
+        if len(chunks) == 1 and chunks[0].dtype == dtype and chunks[0].is_contiguous():
+            payload = chunks[0].reshape(1, *chunk_shape)   # one chunk: send it as it is, no copy
+        else:
+            payload = torch.stack([c.reshape(chunk_shape) for c in chunks]).to(dtype).contiguous()
         ops.append(dist.P2POp(dist.isend, payload, _global_rank(group, peer), group))
     for peer, n in sorted(recv_counts.items()):
         buf = torch.empty((n, *chunk_shape), dtype=dtype, device=device)
