@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 
 import torch
@@ -51,6 +52,8 @@ class SaveHandle:
         self.step = snapshot.step
         self._snapshot = snapshot
         self._durable = threading.Event()
+        self.created_at = time.perf_counter()
+        self.durable_at: float | None = None   # perf_counter() when this rank's files were fsynced
         self.skipped = False       # flush="latest" dropped it in favour of a newer snapshot
 
     def snapshot_done(self) -> bool:
@@ -154,6 +157,7 @@ class Checkpointer:
             holds.add("memory")
         snap = self.engine.start(step, flat, holds)
         handle = self._handles[step] = SaveHandle(snap)
+        snap.handle = handle
         if "disk" in self.levels:
             self._jobs.put(("flush", snap))
         else:
@@ -197,8 +201,8 @@ class Checkpointer:
                 self._jobs.task_done()
 
     def _flush(self, snap: Snapshot) -> None:
-        handle = self._handles.get(snap.step)
         snap.copied.wait()
+        handle = getattr(snap, "handle", None)
         try:
             if snap.error is not None:
                 return
@@ -211,6 +215,7 @@ class Checkpointer:
                 self._durable_step = max(self._durable_step, snap.step)
                 self._durable_steps.append(snap.step)
             if handle is not None:
+                handle.durable_at = time.perf_counter()
                 handle._durable.set()
         finally:
             self.engine.release(snap.slot, "flush")
