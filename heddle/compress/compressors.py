@@ -12,6 +12,7 @@ element, counting values, indices and scales (the ledger check in the tests hold
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -24,7 +25,7 @@ def _numel(shape) -> int:
     return int(math.prod(shape)) if len(shape) else 1
 
 
-class Compressor:
+class Compressor(abc.ABC):
     family = "compressor"
     summable = False
 
@@ -39,25 +40,33 @@ class Compressor:
     def check_param(self, param) -> None:
         pass
 
+    @abc.abstractmethod
     def bits_per_element(self, shape, param=None) -> float:
-        raise NotImplementedError  # pragma: no cover - every subclass defines it
+        """Payload bits per element of a layer of ``shape`` under ``param`` (None: the default)."""
 
-    def encode(self, x: torch.Tensor, param, *, seed: int, shared_seed: int) -> torch.Tensor:
-        """x [n] fp32 -> payload (fp32 values when summable, else uint8 bytes)."""
-        raise NotImplementedError  # pragma: no cover
-
-    def decode(self, payload: torch.Tensor, numel: int, param, *, shared_seed: int) -> torch.Tensor:
-        """payload -> [numel] fp32 (for summable payloads: decode(sum) = sum of decodes)."""
-        raise NotImplementedError  # pragma: no cover
-
+    @abc.abstractmethod
     def expected_error(self, x: torch.Tensor, param) -> float:
-        raise NotImplementedError  # pragma: no cover
+        """E||x - C(x)||^2 (fp64 sum) for a layer x under ``param``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-class Identity(Compressor):
+class PayloadCompressor(Compressor):
+    """A single-phase compressor: one payload per layer, ``encode`` / ``decode`` (the exchange in
+    :mod:`heddle.compress.exchange` all-reduces or all-gathers it)."""
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor, param, *, seed: int, shared_seed: int) -> torch.Tensor:
+        """x [n] fp32 -> payload (fp32 values when summable, else uint8 bytes). ``seed`` differs
+        per rank (stochastic rounding), ``shared_seed`` is the same on every rank (random-k)."""
+
+    @abc.abstractmethod
+    def decode(self, payload: torch.Tensor, numel: int, param, *, shared_seed: int) -> torch.Tensor:
+        """payload -> [numel] fp32 (for summable payloads: decode(sum) = sum of decodes)."""
+
+
+class Identity(PayloadCompressor):
     """No compression (fp32 on the wire, all-reduced): for checks and warm-up."""
 
     family = "identity"
@@ -95,7 +104,7 @@ def _density_candidates(density: float) -> list[float]:
     return sorted({min(1.0, density * f) for f in (0.25, 0.5, 1.0, 2.0, 4.0)})
 
 
-class TopK(Compressor):
+class TopK(PayloadCompressor):
     """Keep the k = density * n largest |x_i|: fp32 values + int32 indices (64 k bits), gathered."""
 
     family = "topk"
@@ -136,7 +145,7 @@ class TopK(Compressor):
         return f"TopK(density={self.density})"
 
 
-class RandomK(Compressor):
+class RandomK(PayloadCompressor):
     """Keep k = density * n entries chosen by a generator seeded identically on every rank: only
     the fp32 values travel (32 k bits), and they add on the wire (all-reduce)."""
 
@@ -181,7 +190,7 @@ class RandomK(Compressor):
         return f"RandomK(density={self.density})"
 
 
-class Quantize(Compressor):
+class Quantize(PayloadCompressor):
     """Bucketed max-min quantization to ``bits`` bits with unbiased stochastic rounding, bit-packed:
     b * ceil(n/8) bytes of codes + two fp32 scales (min, step) per bucket, all-gathered."""
 
