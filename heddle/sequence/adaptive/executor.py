@@ -7,7 +7,9 @@ pad it to a multiple of d, and each takes its contiguous shard ``[1, s_pad/d]``
 (:func:`heddle.sequence.shard_sequence`); the model's Ulysses modules are pointed at the group
 (``UlyssesHandle.set_group``: nothing created on the hot path, the groups come from the
 :class:`heddle.dist.SubgroupCache` built once). A rank outside every group of a micro-batch
-idles through it.
+idles through it. ``pack="auto"`` packs only where attention has a varlen kernel (flash-attn on
+CUDA); elsewhere the masked dense attention of a packed sequence costs (sum s)^2, so each
+sequence of the micro-batch runs on its own (same memory bound, same gradients).
 
 Loss scaling (the Trainer contract): each rank backpropagates the *sum* of its tokens' losses;
 :meth:`AdaptiveExecutor.reduce_gradients` sums the gradients over every rank of ``group``; the
@@ -17,6 +19,8 @@ of the whole batch's loss sum whatever the plan: one step equals single-process 
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn as nn
@@ -54,7 +58,15 @@ class AdaptiveExecutor:
     """
 
     def __init__(self, model: nn.Module, *, group=None, pool: SubgroupCache | None = None,
-                 loss_fn=default_loss, check: str = "never"):
+                 loss_fn=default_loss, check: str = "never", pack="auto"):
+        if pack not in (True, False, "auto"):
+            raise ValueError(f"pack={pack!r}: valid are True, False, 'auto'")
+        if pack == "auto":
+            # Packing pays off only with a varlen kernel (flash-attn on CUDA); torch SDPA with a
+            # document mask costs (sum s)^2, which the cost model's sum of s^2 does not describe.
+            on_cuda = any(p.is_cuda for p in model.parameters())
+            pack = on_cuda and importlib.util.find_spec("flash_attn") is not None
+        self.pack = pack
         self.model = model
         self.group = group
         self.rank, self.world_size = hd.group_rank_size(group)
@@ -85,15 +97,16 @@ class AdaptiveExecutor:
             ranks, idx = mine
             sub = self.pool.get(ranks[0], len(ranks))
             self.handle.set_group(sub)
-            inputs, targets, cu = pack_documents([documents[k] for k in idx])
-            x, shard = shard_sequence(inputs[None], sub, dim=1)
-            y, _ = shard_sequence(targets[None], sub, dim=1, pad_value=-100)
-            pos = local_position_ids(cu, shard.length, sub)[None]
-            logits = self.model(x, position_ids=pos, cu_seqlens=cu)
-            loss = self.loss_fn(logits, y)
-            loss.backward()
-            loss_total += loss.detach().double()
-            tokens += int((y != -100).sum())
+            for unit in ([idx] if self.pack else [[k] for k in idx]):
+                inputs, targets, cu = pack_documents([documents[k] for k in unit])
+                x, shard = shard_sequence(inputs[None], sub, dim=1)
+                y, _ = shard_sequence(targets[None], sub, dim=1, pad_value=-100)
+                pos = local_position_ids(cu, shard.length, sub)[None]
+                logits = self.model(x, position_ids=pos, cu_seqlens=cu)
+                loss = self.loss_fn(logits, y)
+                loss.backward()
+                loss_total += loss.detach().double()
+                tokens += int((y != -100).sum())
         return loss_total, tokens
 
     def reduce_gradients(self) -> None:

@@ -69,7 +69,7 @@ def _worker(rank, world):
     torch.set_default_dtype(torch.float64)
     ref_loss, ref_grads = _reference_grads()
     model = _model()
-    executor = AdaptiveExecutor(model)
+    executor = AdaptiveExecutor(model, pack=True)
     docs = _documents()
     errors = {}
     plans = {"manual": _plan(world, PLANS[world])}
@@ -81,8 +81,11 @@ def _worker(rank, world):
     plans["planned"] = planner.result()
     for name, plan in plans.items():
         plan.validate(cm, capacity=plan.extra.get("capacity", 10**9))
-        loss, grads = _step(executor, plan, docs)
-        errors[name] = max(abs(loss - ref_loss), *(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()))
+        for pack in (True, False):  # packed varlen micro-batches, and one sequence at a time
+            executor.pack = pack
+            loss, grads = _step(executor, plan, docs)
+            errors[f"{name}-pack={pack}"] = max(abs(loss - ref_loss),
+                                               *(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()))
     # failure: a sequence longer than every group can hold -> PlannerError on every rank
     planner.submit([10_000])
     try:
