@@ -23,7 +23,7 @@ from heddle.bench.scenarios.ulysses import SCENARIO
 
 COLUMNS = [("s", "s"), ("impl", "impl"), ("median_s", "fwd+bwd median s"), ("p95_s", "p95 s"),
            ("overhead_s", "overhead s"), ("overhead_vs_ds", "heddle/DS"), ("bytes_sent", "bytes sent"),
-           ("peak_mem_mb", "peak MB"), ("max_abs_diff_vs_ds", "max |diff| vs DS")]
+           ("peak_mem_mb", "peak MB"), ("pool_mb", "pool MB"), ("max_abs_diff_vs_ds", "max |diff| vs DS")]
 
 
 def main(argv=None):

@@ -99,6 +99,11 @@ class BufferPool:
         with self._lock:
             self._buffers.clear()
 
+    def nbytes(self) -> int:
+        """Bytes the pool holds (busy or free)."""
+        with self._lock:
+            return sum(b.numel() * b.element_size() for bufs in self._buffers.values() for b in bufs)
+
 
 POOL = BufferPool()
 

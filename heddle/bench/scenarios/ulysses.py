@@ -16,7 +16,8 @@ Cases run interleaved, one trial of each per round, so load drift hits all alike
 ``overhead_s`` = median - local's median; ``overhead_vs_ds`` = heddle's / DeepSpeed's (the goal:
 <= 0.5). Bytes: heddle's from the CommLedger, DeepSpeed's by counting its all_to_all_single calls
 the same way (all sent but the chunk a rank keeps). Peak memory: the largest net bytes allocated
-through torch during one forward+backward (torch profiler memory events), inputs excluded.
+through torch during one forward+backward (torch profiler memory events), inputs excluded, heddle's
+buffer pool emptied first (so its buffers count); ``pool_mb``: what the pool keeps afterwards.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from heddle.bench.scenario import BenchContext, Scenario, summarize
 from heddle.dist import CommLedger
 from heddle.models.attention import local_attention
 from heddle.sequence import UlyssesAttention
+from heddle.sequence.ulysses_communications import POOL
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -155,7 +157,11 @@ class UlyssesScenario(Scenario):
             for _ in range(options.trials):
                 for name in impls:
                     times[name].append(ctx.timed(lambda: step(name)))
-            peaks = {name: _peak_bytes(lambda: step(name)) for name in impls}
+            peaks, pooled = {}, {}
+            for name in impls:
+                POOL.clear()  # heddle's pooled buffers are allocated inside the measured step
+                peaks[name] = _peak_bytes(lambda: step(name))
+                pooled[name] = POOL.nbytes()
             stats = {name: summarize(t) for name, t in times.items()}
             base = stats["local"]["median_s"]
             ds_over = stats["deepspeed"]["median_s"] - base if "deepspeed" in stats else float("nan")
@@ -164,7 +170,8 @@ class UlyssesScenario(Scenario):
                 row = {"scenario": self.name, "impl": name, "b": b, "s": s, "H": h, "d": d, "P": world,
                        "dtype": options.dtype, "causal": not options.non_causal, **stats[name],
                        "overhead_s": over if not name.endswith("comm") and name != "local" else float("nan"),
-                       "bytes_sent": sent[name], "peak_mem_mb": peaks[name] / 2**20}
+                       "bytes_sent": sent[name], "peak_mem_mb": peaks[name] / 2**20,
+                       "pool_mb": pooled[name] / 2**20}
                 if name in ("heddle", "heddle-overlap"):
                     # A ratio of overheads only means something when DeepSpeed's is measurably > 0.
                     row["overhead_vs_ds"] = over / ds_over if ds_over > 0 else float("nan")
