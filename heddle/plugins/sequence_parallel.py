@@ -33,6 +33,7 @@ class Config:
     sp_size: int = 2                  # ranks per sequence-parallel group (divides the world size)
     attn_fn: Callable | None = None   # core attention on full-sequence, head-sharded tensors
     check: str = "first"              # UlyssesAttention cross-rank input check
+    overlap_chunks: int = 1           # > 1: pipeline head chunks so all-to-alls overlap attention
     ignore_index: int = -100          # padding value of targets
 
     def __post_init__(self):
@@ -46,7 +47,7 @@ class Plugin(TrainerPlugin):
     def setup(self, trainer) -> None:
         self.layout = ParallelLayout(self.config.sp_size, group=trainer.group)
         self.handle = parallelize(trainer.module, self.layout.sp_group, attn_fn=self.config.attn_fn,
-                                  check=self.config.check)
+                                  check=self.config.check, overlap_chunks=self.config.overlap_chunks)
         trainer.dp_rank, trainer.dp_size = self.layout.dp_rank, self.layout.dp_size
         trainer.sp_rank, trainer.sp_size = self.layout.sp_rank, self.layout.sp_size
         trainer.sp_group = self.layout.sp_group

@@ -44,10 +44,10 @@ class UlyssesHandle:
 
 
 def parallelize(model: nn.Module, group=None, *, attn_fn=None, layout: str = "bshd",
-                check: str = "first") -> UlyssesHandle:
+                check: str = "first", overlap_chunks: int = 1) -> UlyssesHandle:
     """Replace every ``core_attention`` submodule of ``model`` by ``UlyssesAttention(group, ...)``.
 
-    Returns a :class:`UlyssesHandle`. ``attn_fn=None`` keeps the default (flash-attn varlen on CUDA
+    Returns a :class:`UlyssesHandle`. Options are those of :class:`UlyssesAttention`. ``attn_fn=None`` keeps the default (flash-attn varlen on CUDA
     when installed, else torch SDPA). Calling it again on a parallelized model only re-targets the
     existing Ulysses modules (same as ``set_group``). ``ValueError`` when the model has no
     ``core_attention`` submodule.
@@ -60,7 +60,7 @@ def parallelize(model: nn.Module, group=None, *, attn_fn=None, layout: str = "bs
         if not isinstance(core, nn.Module):
             continue
         if not isinstance(core, UlyssesAttention):
-            core = UlyssesAttention(group, attn_fn, layout=layout, check=check)
+            core = UlyssesAttention(group, attn_fn, layout=layout, check=check, overlap_chunks=overlap_chunks)
             parent.core_attention = core
         else:
             core.group = group
