@@ -68,7 +68,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed.checkpoint")
     heddle.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = SCENARIO.run(BenchContext(rank, world), options)
+    rows = SCENARIO.run(BenchContext(rank, world, verbose=True), options)
     if rank != 0:
         return rows
     train = [r for r in rows if r.get("part") == "train"]

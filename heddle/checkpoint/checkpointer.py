@@ -146,8 +146,7 @@ class Checkpointer:
             state = {**state, RNG_KEY: capture_rng()}
         for value in state.values():
             if isinstance(value, torch.optim.Optimizer) and value not in self._hooked:
-                ref = weakref.ref(self)
-                value.register_step_pre_hook(lambda *_: ref() is not None and ref().wait_for_snapshot())
+                value.register_step_pre_hook(_lazy_wait_hook(weakref.ref(self)))
                 self._hooked.add(value)
         flat = flatten(state)
         holds = set()
@@ -206,7 +205,7 @@ class Checkpointer:
         try:
             if snap.error is not None:
                 return
-            if self.flush_policy == "latest" and not self._jobs.empty():
+            if self.flush_policy == "latest" and any(j is not None and j[0] == "flush" for j in list(self._jobs.queue)):
                 if handle is not None:       # a newer snapshot is queued: skip this one
                     handle.skipped = True
                 return
@@ -246,10 +245,11 @@ class Checkpointer:
             self._committed_step = durable
         if memory >= 0:
             if self.redundancy is not None and memory > self._protected_step:
-                snap = next(s for s in self._memory_steps if s.step == memory)
-                from heddle.checkpoint.redundancy import protect
-                protect(self, snap)
-                self._protected_step = memory
+                snap = next((s for s in self._memory_steps if s.step == memory), None)
+                if snap is not None:
+                    from heddle.checkpoint.redundancy import protect
+                    protect(self, snap)
+                    self._protected_step = memory
             with self._lock:
                 old = [s for s in self._memory_steps if s.step < memory]
                 self._memory_steps = [s for s in self._memory_steps if s.step >= memory]
@@ -311,6 +311,16 @@ class Checkpointer:
                     return
             if self.keeper is None:
                 self.engine.close()
+
+
+def _lazy_wait_hook(ref):
+    """Optimizer pre-step hook: the step is about to change the tensors of the last save."""
+    def hook(optimizer, args, kwargs):
+        ckpt = ref()
+        if ckpt is not None:
+            ckpt.wait_for_snapshot()
+        return None
+    return hook
 
 
 def _unlink(path: str) -> None:

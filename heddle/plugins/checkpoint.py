@@ -66,4 +66,6 @@ class Plugin(TrainerPlugin):
         return {"checkpoints_saved": float(self.saves)}
 
     def close(self) -> None:
-        self.ckpt.close()
+        # a clean finish stops the keeper (its memory snapshots are on disk too); a crashed
+        # worker never gets here, so the keeper survives it for the restart
+        self.ckpt.close(shutdown_keeper_process=True)
