@@ -158,10 +158,30 @@ class Checkpointer:
         handle = self._handles[step] = SaveHandle(snap)
         snap.handle = handle
         if "disk" in self.levels:
+            if self.flush_policy == "latest":
+                self._drop_queued_flushes()
             self._jobs.put(("flush", snap))
         else:
             handle._durable.set()
         return handle
+
+    def _drop_queued_flushes(self) -> None:
+        """flush="latest": a newer snapshot supersedes flushes not started yet; free their slots now
+        (not when the writer reaches them) so the next save finds a slot without waiting."""
+        jobs = self._jobs
+        with jobs.mutex:
+            dropped = [j for j in jobs.queue if j is not None and j[0] == "flush"]
+            for job in dropped:
+                jobs.queue.remove(job)
+                jobs.unfinished_tasks -= 1
+            if dropped and jobs.unfinished_tasks == 0:
+                jobs.all_tasks_done.notify_all()
+        for _, snap in dropped:
+            handle = getattr(snap, "handle", None)
+            if handle is not None:
+                handle.skipped = True
+            snap.copied.wait()
+            self.engine.release(snap.slot, "flush")
 
     def wait_for_snapshot(self) -> None:
         """Block until the in-flight snapshot has copied every tensor (the lazy wait)."""
@@ -205,7 +225,8 @@ class Checkpointer:
         try:
             if snap.error is not None:
                 return
-            if self.flush_policy == "latest" and any(j is not None and j[0] == "flush" for j in list(self._jobs.queue)):
+            newer = any(j is not None and j[0] == "flush" for j in list(self._jobs.queue))
+            if self.flush_policy == "latest" and newer:
                 if handle is not None:       # a newer snapshot is queued: skip this one
                     handle.skipped = True
                 return
