@@ -14,6 +14,10 @@ model's Ulysses modules. Head plans are cached per (H, Hkv, group size); the onl
 the one cross-rank input check on the first call after a switch (``check="never"`` removes it).
 Every rank of the new group must switch before the next forward.
 
+Overlap: ``UlyssesAttention(group, overlap_chunks=C)`` (or ``parallelize(..., overlap_chunks=C)``)
+pipelines C head chunks so the all-to-alls run while attention computes; C = 1 (the default) is
+exactly one packed all-to-all each way.
+
 Global positions: :func:`local_position_ids` gives this rank's slice of the global position ids
 (restarting at each document of ``cu_seqlens``), for RoPE before the first all-to-all.
 """
