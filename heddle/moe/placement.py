@@ -102,9 +102,9 @@ def _balance(counts: np.ndarray, target: list[set], free: list[int]) -> None:
     listed = [sorted(t) for t in target]
     best = score(listed)
     while any(f > 0 for f in free):
-        load = dispatch_plan(counts, listed).sum(axis=(0, 1))
-        hot = int(np.argmax(load))
         plan = dispatch_plan(counts, listed)
+        load = plan.sum(axis=(0, 1))
+        hot = int(np.argmax(load))
         options = sorted((e for e in range(num_experts) if hot in target[e] and plan[:, e, hot].sum() > 0),
                          key=lambda e: (-int(plan[:, e, hot].sum()), e))
         moved = False
