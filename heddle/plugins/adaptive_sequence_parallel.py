@@ -40,6 +40,7 @@ class Config:
     device_bytes: float | None = None      # memory per device for calibration (default: RAM / local ranks)
     time_limit: float = 0.5                # planner budget per step, seconds
     solver: str = "milp"                   # "milp" or "greedy"
+    planner: str = "process"               # background planner: "process" or "thread"
     calibration_lengths: tuple = (64, 128, 256, 512)
 
     def __post_init__(self):
@@ -83,7 +84,7 @@ class Plugin(TrainerPlugin):
         degrees = [d for d in allowed_degrees(trainer.world_size, self.cost_model) if d <= limit]
         self.planner = BackgroundPlanner(trainer.world_size, self.cost_model, group=trainer.group,
                                          max_tokens_per_device=cfg.max_tokens_per_device, degrees=degrees,
-                                         time_limit=cfg.time_limit, solver=cfg.solver)
+                                         time_limit=cfg.time_limit, solver=cfg.solver, mode=cfg.planner)
         self.last: dict[str, float] = {}
         trainer.adaptive_sp = self
 

@@ -120,7 +120,8 @@ def _trainer_worker(rank, world, path):
     model = _model()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = heddle.TrainerConfig(progress=False, adaptive_sequence_parallel={
-        "cost_model": "calibrate", "calibration_lengths": (16, 32, 64), "max_tokens_per_device": 8})
+        "cost_model": "calibrate", "calibration_lengths": (16, 32, 64), "max_tokens_per_device": 8,
+        "planner": "thread"})  # test workers are daemonic: they may not spawn a planner process
     trainer = heddle.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), config=config)
     asp = trainer.adaptive_sp
     assert trainer.ddp is None
@@ -148,3 +149,21 @@ def test_trainer_section_and_calibration(tmp_path):
     assert len(cm.measured["compute_s"]) == 3
     assert cm.a3 == 2 * 2 * (2 * 4 + 2 * 2) * 4 * 8  # 2 layers x fwd+bwd x (2H + 2Hkv) x head_dim x fp64
     assert results[0]["degrees"] == [2] or 2 in results[0]["degrees"]  # 13 tokens > 8 per device
+
+
+def test_background_planner_in_a_process():
+    """mode="process" (single rank, no process group): the plan equals a direct call's (greedy is
+    deterministic) and an error in the worker process is raised here."""
+    from heddle.sequence.adaptive import plan_batch
+
+    cm = CostModel.preset("a100-80g-ib")
+    planner = BackgroundPlanner(8, cm, mode="process", solver="greedy")
+    try:
+        planner.submit([1000, 50_000, 3000, 2000, 70_000])
+        plan = planner.result()
+        assert plan.groups == plan_batch([1000, 50_000, 3000, 2000, 70_000], 8, cm, solver="greedy").groups
+        planner.submit([10**7])
+        with pytest.raises(PlannerError, match="cannot fit even on the largest group"):
+            planner.result()
+    finally:
+        planner.close()
