@@ -21,8 +21,9 @@ from heddle.bench.report import markdown_table, print_rows
 from heddle.bench.scenario import BenchContext
 from heddle.bench.scenarios.ulysses import SCENARIO
 
-COLUMNS = [("s", "s"), ("impl", "impl"), ("median_s", "fwd+bwd median s"), ("p95_s", "p95 s"),
-           ("overhead_s", "overhead s"), ("overhead_vs_ds", "heddle/DS"), ("bytes_sent", "bytes sent"),
+COLUMNS = [("s", "s"), ("impl", "impl"), ("median_s", "fwd+bwd median s"), ("min_s", "min s"),
+           ("overhead_s", "overhead s (median)"), ("overhead_vs_ds", "heddle/DS (median)"),
+           ("overhead_min_s", "overhead s (min)"), ("overhead_vs_ds_min", "heddle/DS (min)"), ("bytes_sent", "bytes sent"),
            ("peak_mem_mb", "peak MB"), ("pool_mb", "pool MB"), ("max_abs_diff_vs_ds", "max |diff| vs DS")]
 
 
@@ -44,16 +45,19 @@ def main(argv=None):
         if options.markdown:
             print(markdown_table(rows, COLUMNS))
         for row in rows:
-            if "overhead_vs_ds" in row:
+            for key, stat in (("overhead_vs_ds", "medians"), ("overhead_vs_ds_min", "fastest trials")):
+                if key not in row:
+                    continue
                 what = "comm+layout time alone" if row["impl"].endswith("comm") else "overhead over local attention"
-                ratio = row["overhead_vs_ds"]
+                ratio = row[key]
                 if ratio != ratio:
                     verdict = "inconclusive: DeepSpeed's overhead is not above local attention's time"
                 elif ratio < 0:
                     verdict = "met, but heddle's overhead is below the timing noise (faster than local)"
                 else:
                     verdict = "met" if ratio <= 0.5 else "missed"
-                print(f"s={row['s']}: {row['impl']} {what} = {ratio:.2f} x DeepSpeed's (goal <= 0.5: {verdict})")
+                print(f"s={row['s']}: {row['impl']} {what} = {ratio:.2f} x DeepSpeed's ({stat}; goal <= 0.5: "
+                      f"{verdict})")
     dist.destroy_process_group()
 
 
