@@ -171,8 +171,17 @@ class RandomK(PayloadCompressor):
 
     @staticmethod
     def indices(numel: int, k: int, shared_seed: int) -> torch.Tensor:
+        """A uniform k-subset of range(numel), sorted, the same on every rank for ``shared_seed``.
+        Sparse case in O(k): draw with replacement until k distinct, then a uniform k-subset of
+        those (uniform by symmetry); a full permutation only when k is a large share of n."""
         g = torch.Generator().manual_seed(shared_seed)
-        return torch.sort(torch.randperm(numel, generator=g)[:k]).values
+        if 4 * k >= numel:
+            return torch.sort(torch.randperm(numel, generator=g)[:k]).values
+        draws = k + k // 8 + 16
+        distinct = torch.randint(numel, (draws,), generator=g).unique()
+        while distinct.numel() < k:
+            distinct = torch.cat([distinct, torch.randint(numel, (draws,), generator=g)]).unique()
+        return torch.sort(distinct[torch.randperm(distinct.numel(), generator=g)[:k]]).values
 
     def encode(self, x, param, *, seed, shared_seed):
         idx = self.indices(x.numel(), num_kept(x.numel(), param), shared_seed).to(x.device)

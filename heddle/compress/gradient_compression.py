@@ -203,10 +203,13 @@ class GradientCompression:
         return [outs[k] for k in keys]
 
     def _account(self, it: Item) -> None:
-        self._acc["elements"] += it.x.numel()
+        x = it.x.reshape(-1)
+        self._acc["elements"] += x.numel()
         self._acc["payload_bytes"] += it.payload_bytes
-        self._acc["error"] += float((it.x - it.local).double().pow(2).sum())
-        self._acc["norm"] += float(it.x.double().pow(2).sum())
+        self._acc["norm"] += float(torch.dot(x, x))
+        if it.local.data_ptr() != it.x.data_ptr():   # uncompressed layers (local is x) lose nothing
+            diff = x - it.local.reshape(-1)
+            self._acc["error"] += float(torch.dot(diff, diff))
 
     @staticmethod
     def _fresh_acc() -> dict[str, float]:
