@@ -25,7 +25,8 @@ from heddle.bench.scenarios.checkpoint import SCENARIO
 
 TRAIN = [("size_mb", "state MB"), ("every", "every"), ("method", "method"), ("step_s", "step s"),
          ("steps_per_s", "steps/s"), ("throughput_vs_none", "vs none"), ("stall_median_s", "stall med s"),
-         ("stall_p95_s", "stall p95 s"), ("save_to_durable_s", "save->durable s"),
+         ("stall_p95_s", "stall p95 s"),
+         ("save_call_median_s", "of which save() s"), ("lazy_wait_median_s", "lazy wait s"), ("save_to_durable_s", "save->durable s"),
          ("peak_extra_rss_mb", "peak extra RSS MB")]
 RECOVERY = [("size_mb", "state MB"), ("every", "every"), ("method", "method"), ("recover_memory_s", "memory s"),
             ("recover_disk_cold_s", "disk (cold) s"), ("recover_disk_warm_s", "disk (warm) s"),

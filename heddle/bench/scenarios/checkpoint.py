@@ -117,6 +117,14 @@ class _Saver:
         elif self.ckpt is not None:
             self.ckpt.save(step, {"model": model, "optimizer": opt})
 
+    def drain(self) -> None:
+        """Wait for every checkpoint in flight (durable)."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        if self.ckpt is not None:
+            self.ckpt.wait()
+
     def finish(self) -> None:
         if self.pending is not None:
             self.pending.result()
@@ -136,7 +144,11 @@ def train_case(size_mb: float, every: int, method: str, steps: int, root: str, g
     directory = tempfile.mkdtemp(dir=root, prefix=method.replace("+", "_") + "-")
     saver = _Saver(method, directory, group)
     saver._heddle_handles = []
-    stalls, step_times = [], []
+    if method != "none":   # one untimed checkpoint first: buffers and caches exist (steady state)
+        saver.save(0, model, opt)
+        saver.drain()
+        saver.durable = []
+    stalls, step_times, calls, waits = [], [], [], []
     gc.collect()
     with _RssPeak() as rss:
         start = time.perf_counter()
@@ -149,6 +161,7 @@ def train_case(size_mb: float, every: int, method: str, steps: int, root: str, g
             waited = time.perf_counter() - tw
             if pending_stall is not None:
                 stalls[pending_stall] += waited
+                waits.append(waited)
                 pending_stall = None
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -156,6 +169,7 @@ def train_case(size_mb: float, every: int, method: str, steps: int, root: str, g
                 ts = time.perf_counter()
                 saver.save(step, model, opt)
                 stalls.append(time.perf_counter() - ts)
+                calls.append(stalls[-1])
                 pending_stall = len(stalls) - 1
                 if saver.ckpt is not None:
                     saver._heddle_handles.append(saver.ckpt._handles.get(step))
@@ -169,7 +183,9 @@ def train_case(size_mb: float, every: int, method: str, steps: int, root: str, g
            "peak_extra_rss_mb": (rss.peak - rss.base) / 1e6}
     if stalls:
         s = summarize(stalls)
-        row.update(stall_median_s=s["median_s"], stall_p95_s=s["p95_s"])
+        row.update(stall_median_s=s["median_s"], stall_p95_s=s["p95_s"],
+                   save_call_median_s=summarize(calls)["median_s"],
+                   lazy_wait_median_s=summarize(waits)["median_s"] if waits else 0.0)
     if saver.durable:
         row["save_to_durable_s"] = summarize(saver.durable)["median_s"]
     if method.startswith("heddle"):
