@@ -117,7 +117,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)
     heddle.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = SCENARIO.run(BenchContext(rank, world), options)
+    rows = SCENARIO.run(BenchContext(rank, world, verbose=True), options)
     if rank == 0:
         tables = []
         comm = [r for r in rows if r["part"] == "comm"]

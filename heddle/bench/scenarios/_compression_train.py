@@ -110,9 +110,8 @@ def train_rows(ctx, options) -> list[dict]:
     for name in names:
         for seed in range(options.seeds):
             row = train_once(ctx, name, seed, options.steps)
-            if ctx.rank == 0 and getattr(ctx, "verbose", True):
-                print(f"[compression] {name} seed {seed}: val {row['val_loss']:.4f} "
-                      f"final {row['final_loss']:.4f} {row['bytes_per_step'] / 1e3:.1f} kB/step", flush=True)
+            ctx.log(f"[compression] {name} seed {seed}: val {row['val_loss']:.4f} "
+                    f"final {row['final_loss']:.4f} {row['bytes_per_step'] / 1e3:.1f} kB/step")
             rows.append(row)
     return rows
 
