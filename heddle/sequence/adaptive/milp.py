@@ -48,8 +48,12 @@ class MilpResult:
 
 
 def solve_lanes(buckets: Buckets, num_devices: int, cm: CostModel, degrees, capacity: int, *,
-                     warm_start: list[tuple[int, list[int]]] | None = None, time_limit: float = 1.0,
-                     mip_rel_gap: float = 1e-3, max_micro: int | None = None) -> MilpResult:
+                warm_start: list[tuple[int, list[int]]] | None = None, time_limit: float = 1.0,
+                mip_rel_gap: float = 1e-3, max_micro: int | None = None) -> MilpResult:
+    """Solve the program above. ``buckets.members`` hold sequence indices; the returned assignment
+    gives each used lane ``(degree, [indices])``, bucket members dealt out in order. ``capacity``:
+    tokens per device; ``max_micro``: cap on n_g (None: none); ``warm_start``: an assignment over
+    the same indices (e.g. the greedy plan on the bucket representatives)."""
     start = time.perf_counter()
     reps, counts = buckets.lengths, buckets.counts
     nq = len(reps)
