@@ -118,3 +118,17 @@ def test_init_independent_of_strategy_and_validation():
         a(torch.zeros(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="saved by ranks 0 and 1"):
         merge_expert_shards([{"mlp.experts.0": torch.zeros(1)}, {"mlp.experts.0": torch.zeros(1)}])
+
+
+def test_cost_model_rows_and_orderings():
+    from heddle.moe.cost_model import simulate, zipf_counts
+
+    counts = zipf_counts(4, 16, 512, 2, 1.0, np.random.default_rng(0))
+    assert (counts.sum(axis=1) == 1024).all() and counts[:, 0].sum() > counts[:, -1].sum()
+    flat = {r["strategy"]: r for r in simulate(num_devices=8, num_experts=16, d_model=256, tokens=512, skew=0.0)}
+    skewed = {r["strategy"]: r for r in simulate(num_devices=8, num_experts=16, d_model=256, tokens=512, skew=1.5)}
+    assert set(skewed) == {"ep", "fssdp", "fsdp"}
+    assert skewed["ep"]["max_over_mean"] > 2 * skewed["fssdp"]["max_over_mean"]
+    assert skewed["ep"]["layer_s"] > skewed["fssdp"]["layer_s"]
+    assert flat["ep"]["max_over_mean"] < 1.2
+    assert 0 < skewed["fssdp"]["lam"] < 1   # sparse, never a full all-gather
