@@ -227,7 +227,10 @@ def new_outputs(like: torch.Tensor, splits, sl: int, b: int, batch_first: bool) 
     ``batch_first``: transposed views of contiguous [b, sl, H_t, d] tensors."""
     d = like.shape[-1]
     shape = (b, sl) if batch_first else (sl, b)
-    outs = [(like.new_zeros if sp.repeat > 1 else like.new_empty)(*shape, sp.heads, d) for sp in splits]
+    outs = []
+    for sp in splits:
+        out = POOL.get(b * sl * sp.heads * d, like).view(*shape, sp.heads, d)
+        outs.append(out.zero_() if sp.repeat > 1 else out)
     return [o.transpose(0, 1) for o in outs] if batch_first else outs
 
 
