@@ -5,7 +5,9 @@
   non-negative least squares to the mean over ranks.
 - all-to-all: for every cached group size d > 1, every rank times ``all_to_all_single`` in its
   aligned group at two payloads; ``t = latency + bytes_out / v_d`` gives v_d and the latency
-  (b2 = latency x the 4 all-to-alls per layer per micro-batch, forward and backward).
+  (b2 = latency x the 4 all-to-alls per layer per micro-batch, forward and backward). Then the
+  model itself runs on each group size at the longest length (``in_situ_check``) and v_d is
+  lowered to what its time implies when Ulysses' layout copies make it slower than the bare link.
 - a3: bytes one token sends through Ulysses' all-to-alls, counted from the attention modules
   (q, k, v and output, forward and backward) -- exact, not fitted.
 - memory: bytes autograd saves for backward per token (``saved_tensors_hooks`` at the longest
@@ -22,6 +24,7 @@ import torch
 from scipy.optimize import nnls
 
 import heddle.dist as hd
+from heddle.sequence import UlyssesAttention, local_position_ids, shard_sequence
 from heddle.sequence.adaptive.cost_model import CostModel
 
 
@@ -39,12 +42,16 @@ def ulysses_bytes_per_token(model, element_size: int | None = None) -> float:
     return float(sum(2 * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim * elt for m in mods))
 
 
-def _time_model(model, length: int, vocab: int, repeats: int) -> tuple[float, float]:
-    """(median seconds of fwd+bwd, saved bytes per token) on one sequence of ``length``."""
+def _time_model(model, length: int, vocab: int, repeats: int, group=None) -> tuple[float, float]:
+    """(median seconds of fwd+bwd, saved bytes per token) on one sequence of ``length``; with a
+    ``group``, this rank's shard of it (the model's Ulysses modules must be on that group)."""
     g = torch.Generator().manual_seed(length)
     tokens = torch.randint(0, vocab, (1, length), generator=g)
     cu = torch.tensor([0, length])
     pos = torch.arange(length)[None]
+    if group is not None:
+        tokens, _ = shard_sequence(tokens, group, dim=1)
+        pos = local_position_ids(cu, length, group)[None]
     saved = [0]
 
     def pack(t):
@@ -66,7 +73,7 @@ def _time_model(model, length: int, vocab: int, repeats: int) -> tuple[float, fl
 
 def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int = 3, vocab: int | None = None,
               payload_bytes=(1 << 14, 1 << 20), device_bytes: float | None = None, a3: float | None = None,
-              name: str = "calibrated") -> CostModel:
+              name: str = "calibrated", in_situ_check: bool = True) -> CostModel:
     """Collective over ``group_pool.parent``. ``model`` must already run under Ulysses modules whose
     group is a one-rank group (as :class:`AdaptiveExecutor` leaves it) or plain local attention."""
     if len(lengths) < 3:
@@ -112,15 +119,51 @@ def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int 
         size *= 2
     n_layers = len(_attention_modules(model)) or 1
     b2 = 4 * n_layers * float(np.mean(latencies)) if latencies else 0.0
+    a3 = a3 if a3 is not None else ulysses_bytes_per_token(model)
+    in_situ = _in_situ_bandwidth(model, group_pool, rank, world, int(max(lengths)), vocab, repeats,
+                                 (a1, a2, b1, a3, b2)) if in_situ_check else {}
+    for size, v in in_situ.items():
+        # Ulysses moves more than a bare all-to-all (layout copies, padding): the model's own
+        # all-to-all time, if slower, is what the plan will see; it cannot be faster than the link.
+        bandwidth[size] = min(bandwidth[size], v)
     saved_per_token = float(np.max([x[1] for x in samples]))
     params = sum(p.numel() for p in model.parameters())
     static = float(params * 16)
     if device_bytes is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         device_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(local, 1)
-    return CostModel(a1=float(a1), a2=float(a2), b1=float(b1), a3=a3 if a3 is not None else ulysses_bytes_per_token(model),
+    return CostModel(a1=float(a1), a2=float(a2), b1=float(b1), a3=a3,
                      b2=b2, bandwidth=bandwidth, token_bytes=saved_per_token, static_bytes=static,
                      device_bytes=float(device_bytes), name=name,
                      notes=f"calibrated on {world} process(es): lengths {list(lengths)}, {repeats} repeats",
                      measured={"lengths": list(map(int, lengths)), "compute_s": t.tolist(),
-                               "compute_fit_max_rel_error": compute_err, "latency_s": latencies})
+                               "compute_fit_max_rel_error": compute_err, "latency_s": latencies,
+                               "in_situ_bandwidth": {str(k): v for k, v in in_situ.items()}})
+
+
+def _in_situ_bandwidth(model, pool, rank, world, length, vocab, repeats, constants) -> dict[int, float]:
+    """Per group size d: time the model on its d-rank group at ``length`` and read the all-to-all
+    bandwidth from what the compute fit does not explain:
+    v_d = a3 (L/d) (d-1)/d / (t_d - (a1 L^2 + a2 L)/d - b1 - b2). Sizes where the excess is not
+    positive (noise) are left out."""
+    modules = [m for m in model.modules() if isinstance(m, UlyssesAttention)]
+    if not modules or world == 1:
+        return {}
+    a1, a2, b1, a3, b2 = constants
+    before = [m.group for m in modules]
+    out, size = {}, 2
+    try:
+        while size <= world:
+            _, sub = pool.containing(rank, size)
+            for m in modules:
+                m.group = sub
+            t = torch.tensor([_time_model(model, length, vocab, repeats, group=sub)[0]], dtype=torch.float64)
+            hd.all_reduce(t, op=hd.ReduceOp.MAX, group=pool.parent)
+            excess = float(t) - (a1 * length * length + a2 * length) / size - b1 - b2
+            if excess > 0:
+                out[size] = a3 * length / size * (size - 1) / size / excess
+            size *= 2
+    finally:
+        for m, g in zip(modules, before):
+            m.group = g
+    return out
