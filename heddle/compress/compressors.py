@@ -214,7 +214,9 @@ class Quantize(PayloadCompressor):
         return self.bits
 
     def candidates(self):
-        return list(range(1, 9))
+        """2..8 bits: 1-bit max-min rounding is not contractive (its expected error exceeds
+        ||x||^2 on typical gradients), which error feedback cannot absorb."""
+        return list(range(2, 9))
 
     def check_param(self, param):
         reference.check_quant_args(param, self.bucket_size)

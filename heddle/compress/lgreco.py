@@ -30,7 +30,7 @@ def solve(errors, sizes, default: list[int], budget: float = 1.0, *, num_buckets
                          "must have one entry per layer")
     if not budget > 0:
         raise ValueError(f"budget={budget!r} must be positive")
-    err = [np.asarray(e, dtype=np.float64) for e in errors]
+    err = [np.asarray(e, dtype=np.float64) for e in errors]   # inf: candidate not allowed
     size = [np.asarray(s, dtype=np.float64) for s in sizes]
     limit = budget * sum(float(err[l][default[l]]) for l in range(num_layers))
     default_size = sum(float(size[l][default[l]]) for l in range(num_layers))
@@ -38,7 +38,8 @@ def solve(errors, sizes, default: list[int], budget: float = 1.0, *, num_buckets
         return [int(np.argmin(np.where(e <= 0, s, np.inf))) if (e <= 0).any() else d
                 for e, s, d in zip(err, size, default)]
     cap = num_buckets + num_layers  # rounding can push a qualifying setting past num_buckets
-    units = [np.rint(e / limit * num_buckets).astype(np.int64) for e in err]
+    units = [np.where(np.isfinite(e), np.rint(np.minimum(e / limit, 2.0) * num_buckets), cap + 1).astype(np.int64)
+             for e in err]   # errors above 2 x the budget can never fit: capped before the cast
     best = np.full(cap + 1, np.inf)
     best[0] = 0.0
     choice = np.full((num_layers, cap + 1), -1, dtype=np.int64)
@@ -119,10 +120,15 @@ class LGreCo:
         cands = self.candidate_set(compressor)
         keys = sorted(shapes)
         errors, sizes, default = [], [], []
+        default_idx = cands.index(compressor.default_param)
         for key in keys:
             n = int(np.prod(shapes[key])) if len(shapes[key]) else 1
             x = samples[key]
-            errors.append([compressor.expected_error(x, c) for c in cands])
+            norm = float(x.double().pow(2).sum())
+            # error feedback needs a contractive compressor: a candidate whose expected error is
+            # not below ||x||^2 on this layer is left out (the default always stays in)
+            errors.append([e if e < norm or i == default_idx else float("inf")
+                           for i, e in enumerate(compressor.expected_error(x, c) for c in cands)])
             sizes.append([compressor.bits_per_element(shapes[key], c) * n for c in cands])
             default.append(cands.index(compressor.default_param))
         picks = solve(errors, sizes, default, self.error_budget, num_buckets=self.num_buckets)

@@ -66,6 +66,15 @@ def test_choice_meets_budget_with_real_valued_errors():
             assert got <= best * 1.05 + 1e-9   # within the bucket rounding of the optimum
 
 
+def test_excluded_candidates_never_chosen():
+    errors = [[float("inf"), 1.0, 0.5], [float("inf"), 2.0, 0.1]]
+    sizes = [[1.0, 5.0, 9.0], [1.0, 5.0, 9.0]]
+    picks = solve(errors, sizes, [1, 1], 1.0)
+    assert picks == [1, 1]
+    assert solve(errors, sizes, [1, 1], 2.0) == [1, 1]
+    assert solve(errors, sizes, [2, 2], 0.01) == [2, 2]
+
+
 def test_solve_bad_input():
     with pytest.raises(ValueError, match="one entry per layer"):
         solve([[1.0]], [[1.0], [2.0]], [0])

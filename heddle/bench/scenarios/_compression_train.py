@@ -28,6 +28,7 @@ CONFIGS = {
     "quantize:4+econtrol": {"compressor": "quantize:4", "feedback": "econtrol"},
     "powersgd:4+ef+lgreco": {"compressor": "powersgd:4", "feedback": "ef", "lgreco": True},
     "powersgd:4+ef": {"compressor": "powersgd:4", "feedback": "ef"},
+    "quantize:4+econtrol+lgreco": {"compressor": "quantize:4", "feedback": "econtrol", "lgreco": True},
     "quantize:2+econtrol": {"compressor": "quantize:2", "feedback": "econtrol"},
     "hetero fp32": None,
     "hetero topk:0.01+ef": {"compressor": "topk:0.01", "feedback": "ef"},
