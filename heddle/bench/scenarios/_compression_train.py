@@ -26,21 +26,21 @@ CONFIGS = {
     "topk:0.01+ef": {"compressor": "topk:0.01", "feedback": "ef"},
     "topk:0.01+econtrol": {"compressor": "topk:0.01", "feedback": "econtrol"},
     "quantize:4+econtrol": {"compressor": "quantize:4", "feedback": "econtrol"},
+    "quantize:4+econtrol+lgreco": {"compressor": "quantize:4", "feedback": "econtrol", "lgreco": True},
+    "quantize:3+econtrol+lgreco": {"compressor": "quantize:3", "feedback": "econtrol", "lgreco": True},
     "powersgd:4+ef+lgreco": {"compressor": "powersgd:4", "feedback": "ef", "lgreco": True},
     "powersgd:4+ef": {"compressor": "powersgd:4", "feedback": "ef"},
-    "quantize:4+econtrol+lgreco": {"compressor": "quantize:4", "feedback": "econtrol", "lgreco": True},
-    "quantize:2+econtrol": {"compressor": "quantize:2", "feedback": "econtrol"},
     "hetero fp32": None,
     "hetero topk:0.01+ef": {"compressor": "topk:0.01", "feedback": "ef"},
     "hetero topk:0.01+econtrol": {"compressor": "topk:0.01", "feedback": "econtrol"},
-    "hetero quantize:4+econtrol": {"compressor": "quantize:4", "feedback": "econtrol"},
     # not in the default set (kept short for wall time; run them with --configs)
+    "hetero quantize:4+econtrol": {"compressor": "quantize:4", "feedback": "econtrol"},
+    "quantize:2+econtrol": {"compressor": "quantize:2", "feedback": "econtrol"},
     "quantize:2+ef": {"compressor": "quantize:2", "feedback": "ef"},
     "topk:0.05+ef": {"compressor": "topk:0.05", "feedback": "ef"},
     "topk:0.01+econtrol eta=0.5": {"compressor": "topk:0.01", "feedback": "econtrol", "eta": 0.5},
 }
-DEFAULT = [name for name in CONFIGS if name not in ("quantize:2+ef", "topk:0.05+ef", "topk:0.01+econtrol eta=0.5",
-                                                    "quantize:2+econtrol", "hetero quantize:4+econtrol")]
+DEFAULT = list(CONFIGS)[:11]
 MODEL = dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
 SEQ, BATCH = 64, 16
 WARMUP = 5     # uncompressed steps; L-GreCo samples them for its first choice
