@@ -109,6 +109,7 @@ def _torch_powersgd_child(rank, world, init_file, sizes, warmup, trials, results
             except Exception as exc:  # noqa: BLE001 - the failure is the result
                 text = " ".join(str(exc).split())
                 innermost = text.split("RuntimeError: ")[-1].split(" At: ")[0]
+                innermost = innermost.split("] ", 1)[-1] if innermost.startswith("[") else innermost
                 where = [w.split("(")[1].split(")")[1] for w in text.split(" At: ")[1:2] if "(" in w]
                 out[size] = {"error": f"{type(exc).__name__}: {innermost}" + (f" in {where[0]}" if where else "")}
                 break      # the group is unusable after a collective mismatch
@@ -191,7 +192,7 @@ def comm_rows(ctx: BenchContext, options) -> list[dict]:
                    "bytes_per_step": psgd_bytes, "bytes_vs_fp32": fp32_bytes / psgd_bytes,
                    "bits_per_element": 8.0 * psgd_bytes / numel}
             if "error" in res:
-                row.update(status=f"FAILED: {res['error'][:160]}", step_s=None, sync_s=None)
+                row.update(status=f"FAILED: {res['error'][:200]}", step_s=None, sync_s=None)
             else:
                 med = summarize(res["times"])["median_s"]
                 row.update(status="ok", step_s=med, sync_s=med - summarize(res["noop"])["median_s"])
