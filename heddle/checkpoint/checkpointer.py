@@ -137,6 +137,9 @@ class Checkpointer:
         Collective: every rank of ``group`` calls it with the same ``step``."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be an int >= 0")
+        # the previous snapshot's checksums (computed during this step's forward/backward) must be
+        # done so poll() sees it registered and can free the slot it supersedes
+        self.engine.wait_indexed()
         self.poll()
         if step in self._handles or step <= self._committed_step:
             raise ValueError(f"step={step} was already saved (newest committed {self._committed_step})")
@@ -180,7 +183,7 @@ class Checkpointer:
             handle = getattr(snap, "handle", None)
             if handle is not None:
                 handle.skipped = True
-            snap.copied.wait()
+            snap.indexed.wait()    # the "flush" hold is added once the CRCs are done
             self.engine.release(snap.slot, "flush")
 
     def wait_for_snapshot(self) -> None:
@@ -220,11 +223,13 @@ class Checkpointer:
                 self._jobs.task_done()
 
     def _flush(self, snap: Snapshot) -> None:
-        snap.copied.wait()
+        snap.indexed.wait()
         handle = getattr(snap, "handle", None)
         try:
-            if snap.error is not None:
+            if snap.error is not None:     # torn: raised by wait_for_snapshot(), never written
                 return
+            if snap.late_error is not None:
+                raise snap.late_error
             newer = any(j is not None and j[0] == "flush" for j in list(self._jobs.queue))
             if self.flush_policy == "latest" and newer:
                 if handle is not None:       # a newer snapshot is queued: skip this one
@@ -291,7 +296,7 @@ class Checkpointer:
     def wait(self) -> int:
         """Collective: finish the in-flight snapshot and every queued write, then commit.
         Returns the newest committed step (-1 if none)."""
-        self.engine.wait()
+        self.engine.wait_indexed()
         self._jobs.join()
         self.poll()
         self._jobs.join()

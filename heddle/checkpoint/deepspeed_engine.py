@@ -60,8 +60,10 @@ class HeddleCheckpointEngine(CheckpointEngine):
                 if job is None:
                     return
                 snap, path = job
-                snap.copied.wait()
+                snap.indexed.wait()
                 try:
+                    if snap.late_error is not None:
+                        raise snap.late_error
                     if snap.error is None:
                         write_blob(path, snap.index, snap.slot.buffer.numpy())
                 finally:

@@ -63,8 +63,13 @@ class Snapshot:
     step: int
     slot: HostSlot
     index: RankIndex
-    copied: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    copied: threading.Event = field(default_factory=threading.Event)    # tensors copied: may change now
+    validated: threading.Event = field(default_factory=threading.Event)  # wait() saw no mutation
+    indexed: threading.Event = field(default_factory=threading.Event)   # CRCs done, registered: writable
+    tensors: list | None = None
+    versions: list | None = None
+    error: BaseException | None = None        # the copy failed (torn): raised by wait()
+    late_error: BaseException | None = None   # checksumming / registration failed: raised by the writer
 
 
 class SnapshotEngine:
@@ -76,6 +81,7 @@ class SnapshotEngine:
         self.slots: list[HostSlot | None] = [None] * num_slots
         self.cond = threading.Condition()
         self.current: Snapshot | None = None
+        self.last: Snapshot | None = None
         self.on_copied = None                        # callback(snapshot), on the copy thread
         self.stalls = {"acquire_s": 0.0}
         self._stream = None
@@ -125,42 +131,53 @@ class SnapshotEngine:
         index = RankIndex(step, self.rank, self.world_size, flat.skeleton, entries, flat.per_rank_paths, offset)
         slot = self.acquire(offset)
         slot.step = step
-        snap = Snapshot(step, slot, index)
-        versions = [t._version for t in flat.tensors]
-        self.current = snap
-        threading.Thread(target=self._copy, args=(snap, flat.tensors, versions, holds),
+        snap = Snapshot(step, slot, index, tensors=list(flat.tensors), versions=[t._version for t in flat.tensors])
+        self.current = self.last = snap
+        threading.Thread(target=self._copy, args=(snap, snap.tensors, snap.versions, holds),
                          name=f"heddle-snapshot-{step}", daemon=True).start()
         return snap
 
     def _copy(self, snap: Snapshot, tensors, versions, holds) -> None:
+        """Copy (the lazy wait ends here), then checksum and register off the critical path."""
         try:
-            buf, arr = snap.slot.buffer, snap.slot.buffer.numpy()
-            cuda = any(t.is_cuda for t in tensors)
-            if cuda and self._stream is None:
-                self._stream = torch.cuda.Stream()
-            ctx = torch.cuda.stream(self._stream) if cuda else _nullcontext()
-            with ctx:
-                for t, e in zip(tensors, snap.index.entries):
-                    dst = buf[e.offset:e.offset + e.nbytes].view(t.dtype).view(t.shape)
-                    dst.copy_(t, non_blocking=t.is_cuda)
-            if cuda:
-                self._stream.synchronize()
-            for e in snap.index.entries:
-                e.crc = zlib.crc32(arr[e.offset:e.offset + e.nbytes])
-            changed = [e.path for t, v, e in zip(tensors, versions, snap.index.entries) if t._version != v]
-            if changed:
-                raise TornSnapshot(f"checkpoint step {snap.step}: {changed[:5]} changed in place after save() "
-                                   f"and before the snapshot copied them; call wait_for_snapshot() (or "
-                                   f"step the optimizer, which waits) before mutating state")
-            with self.cond:
-                snap.slot.holds |= holds
-            if self.on_copied is not None:
-                self.on_copied(snap)
-        except BaseException as e:  # noqa: BLE001 - surfaced by wait()
-            snap.error = e
+            try:
+                buf = snap.slot.buffer
+                cuda = any(t.is_cuda for t in tensors)
+                if cuda and self._stream is None:
+                    self._stream = torch.cuda.Stream()
+                ctx = torch.cuda.stream(self._stream) if cuda else _nullcontext()
+                with ctx:
+                    for t, e in zip(tensors, snap.index.entries):
+                        dst = buf[e.offset:e.offset + e.nbytes].view(t.dtype).view(t.shape)
+                        dst.copy_(t, non_blocking=t.is_cuda)
+                if cuda:
+                    self._stream.synchronize()
+                _check_versions(snap, tensors, versions)
+            except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+                snap.error = e
+                snap.validated.set()
+                return
+            finally:
+                snap.copied.set()
+            try:
+                arr = snap.slot.buffer.numpy()
+                for e in snap.index.entries:
+                    e.crc = zlib.crc32(arr[e.offset:e.offset + e.nbytes])
+                # registered and written only after wait() checked the versions again on the
+                # caller's thread: an in-place op that was still running during the copy has
+                # bumped its tensor's version by then
+                snap.validated.wait()
+                if snap.error is not None:
+                    return
+                with self.cond:
+                    snap.slot.holds |= holds
+                if self.on_copied is not None:
+                    self.on_copied(snap)
+            except BaseException as e:  # noqa: BLE001 - surfaced by the writer
+                snap.late_error = e
         finally:
             self.release(snap.slot, "copy")
-            snap.copied.set()
+            snap.indexed.set()
 
     def wait(self) -> None:
         """Block until the in-flight copy is done (the lazy wait); re-raise its error."""
@@ -169,17 +186,39 @@ class SnapshotEngine:
             return
         snap.copied.wait()
         self.current = None
+        try:
+            if snap.error is None:
+                _check_versions(snap, snap.tensors, snap.versions)
+        except TornSnapshot as e:
+            snap.error = e
+        finally:
+            snap.tensors = None   # no references to the live tensors beyond this point
+            snap.validated.set()
         if snap.error is not None:
             raise snap.error
 
+    def wait_indexed(self) -> None:
+        """Also wait for the checksums and registration of the newest snapshot."""
+        self.wait()
+        if self.last is not None:
+            self.last.indexed.wait()
+
     def close(self) -> None:
         try:
-            self.wait()
+            self.wait_indexed()
         finally:
             for slot in self.slots:
                 if slot is not None:
                     slot.release()
             self.slots = [None] * self.num_slots
+
+
+def _check_versions(snap: Snapshot, tensors, versions) -> None:
+    changed = [e.path for t, v, e in zip(tensors, versions, snap.index.entries) if t._version != v]
+    if changed:
+        raise TornSnapshot(f"checkpoint step {snap.step}: {changed[:5]} changed in place after save() and "
+                           f"before the snapshot copied them; call wait_for_snapshot() (or step the "
+                           f"optimizer, which waits) before mutating state")
 
 
 class _nullcontext:
