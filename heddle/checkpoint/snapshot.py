@@ -109,6 +109,10 @@ class SnapshotEngine:
                     slot.release()
                 path = self.slot_path(i) if self.slot_path else None
                 slot = self.slots[i] = HostSlot(nbytes, path=path, pin=self.pin)
+                for j, other in enumerate(self.slots):   # first save: pre-allocate the whole ring
+                    if other is None:
+                        self.slots[j] = HostSlot(nbytes, path=self.slot_path(j) if self.slot_path else None,
+                                                 pin=self.pin)
             slot.holds.add("copy")
             return slot
 
