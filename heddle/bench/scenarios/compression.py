@@ -118,8 +118,8 @@ def _torch_powersgd_child(rank, world, init_file, sizes, warmup, trials, results
     results.put((rank, out))
 
 
-def torch_powersgd(sizes, warmup, trials, timeout=900.0) -> dict:
-    """Run torch's powerSGD_hook in two fresh processes; {size: {times, noop} | {error}}."""
+def torch_powersgd(sizes, warmup, trials, timeout=240.0) -> dict:
+X
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
