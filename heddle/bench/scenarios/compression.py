@@ -119,7 +119,8 @@ def _torch_powersgd_child(rank, world, init_file, sizes, warmup, trials, results
 
 
 def torch_powersgd(sizes, warmup, trials, timeout=240.0) -> dict:
-X
+    """Run torch's powerSGD_hook in two fresh processes; {size: {times, noop} | {error}}. The
+    ``timeout`` stays under the process group's 10-minute barrier the other ranks wait in."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
