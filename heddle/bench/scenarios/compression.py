@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import traceback
 from datetime import timedelta
 
 import torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 import heddle.dist as hd
 from heddle.bench.scenario import BenchContext, Scenario, summarize
-from heddle.compress import (EControl, ErrorFeedback, GradientCompression, Identity, LGreCo, PowerSGD, Quantize,
+from heddle.compress import (EControl, ErrorFeedback, GradientCompression, Identity, PowerSGD, Quantize,
                              RandomK, TopK)
 
 LAYOUTS = {1: (4, 512), 4: (4, 1024), 16: (4, 2048), 64: (16, 2048)}   # M elements -> (layers, n)
