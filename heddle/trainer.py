@@ -106,7 +106,8 @@ class Trainer:
         for plugin in self.plugins:
             plugin.setup(self)
         self.ddp: DistributedDataParallel | None = None
-        if self.world_size > 1 and self.config.data_parallel:
+        owners = [p.name for p in self.plugins if p.replaces_ddp]
+        if self.world_size > 1 and self.config.data_parallel and not owners:
             self.ddp = self._wrap_ddp()
         self.model = self.ddp if self.ddp is not None else self.module
         self.step_count = 0
@@ -157,19 +158,29 @@ class Trainer:
         ``num_tokens`` is given (the scaling to the global token mean happens in :meth:`step`)."""
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        mean = num_tokens is None
-        if self._mean_losses is not None and self._mean_losses != mean:
-            raise ValueError("backward(): pass num_tokens for every micro-batch of a step or for none")
-        self._mean_losses = mean
-        if self._micro >= self.config.grad_accum_steps:
-            raise ValueError(f"backward() called {self._micro + 1} times before step(); "
-                             f"grad_accum_steps={self.config.grad_accum_steps}")
+        self._check_micro(num_tokens)
         loss.backward()
-        self._loss_sum += float(loss.detach())
+        self.record_micro_batch(float(loss.detach()), num_tokens)
+
+    def record_micro_batch(self, loss: float, num_tokens: int | torch.Tensor | None = None) -> None:
+        """Account for a micro-batch whose backward already ran elsewhere (a plugin's executor):
+        same bookkeeping as :meth:`backward` without calling ``loss.backward()``."""
+        self._check_micro(num_tokens)
+        mean = num_tokens is None
+        self._mean_losses = mean
+        self._loss_sum += float(loss)
         self._tokens += 1 if mean else int(num_tokens)
         self._micro += 1
         if self.ddp is not None:  # DDP reads this flag at the next forward
             self.ddp.require_backward_grad_sync = self._micro == self.config.grad_accum_steps - 1
+
+    def _check_micro(self, num_tokens) -> None:
+        mean = num_tokens is None
+        if self._mean_losses is not None and self._mean_losses != mean:
+            raise ValueError("backward(): pass num_tokens for every micro-batch of a step or for none")
+        if self._micro >= self.config.grad_accum_steps:
+            raise ValueError(f"backward() called {self._micro + 1} times before step(); "
+                             f"grad_accum_steps={self.config.grad_accum_steps}")
 
     def _replicated_grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.module.parameters() if p.grad is not None and not is_sharded(p)]

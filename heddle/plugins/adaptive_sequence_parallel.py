@@ -12,25 +12,20 @@ planned per step in the background (:mod:`heddle.sequence.adaptive`).
 
 setup: builds the subgroup cache (collective, once), swaps the model's core attention for
 Ulysses, loads / calibrates the cost model, starts the background planner, and turns the
-Trainer's DDP off (ranks run different numbers of micro-batches, which DDP cannot follow; this
-plugin sums the gradients over all ranks itself in ``reduce_gradients``). ``run`` backpropagates
-each micro-batch and hands the step's loss sum and token count to ``trainer.backward`` (as a
-detached leaf: its gradients are already in place), so the Trainer divides by the global token
+Trainer builds no DDP (``replaces_ddp``: ranks run different numbers of micro-batches, which DDP
+cannot follow; this plugin sums the gradients over all ranks itself in ``reduce_gradients``).
+``run`` backpropagates each micro-batch and reports the step's loss sum and token count with
+``trainer.record_micro_batch``, so the Trainer divides by the global token
 count like every other section: the update is the gradient of the global token mean.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 from heddle.plugins.base import TrainerPlugin
-
-log = logging.getLogger("heddle")
 
 
 @dataclass
@@ -52,6 +47,7 @@ class Config:
 
 class Plugin(TrainerPlugin):
     name = "adaptive_sequence_parallel"
+    replaces_ddp = True  # ranks run different numbers of micro-batches: gradients summed in reduce_gradients
 
     def setup(self, trainer) -> None:
         from heddle.sequence.adaptive import CostModel
@@ -63,9 +59,6 @@ class Plugin(TrainerPlugin):
         if trainer.config.grad_accum_steps != 1:
             raise ValueError(f"adaptive_sequence_parallel plans the micro-batches itself: use grad_accum_steps=1, "
                              f"got {trainer.config.grad_accum_steps}")
-        if trainer.config.data_parallel:
-            log.info("adaptive_sequence_parallel: Trainer DDP off; the plugin sums gradients over all ranks")
-            trainer.config.data_parallel = False
         self.executor = AdaptiveExecutor(trainer.module, group=trainer.group)
         cfg = self.config
         if cfg.cost_model == "calibrate":
@@ -103,7 +96,7 @@ class Plugin(TrainerPlugin):
         start = time.perf_counter()
         loss_sum, tokens = self.executor.run(plan, documents)
         self.last["compute_s"] = time.perf_counter() - start
-        trainer.backward(torch.tensor(float(loss_sum), dtype=torch.float64, requires_grad=True), num_tokens=tokens)
+        trainer.record_micro_batch(float(loss_sum), num_tokens=tokens)
 
     def reduce_gradients(self, trainer) -> bool:
         self.executor.reduce_gradients()

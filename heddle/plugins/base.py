@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 class TrainerPlugin:
     name = "plugin"
+    # True: this plugin runs forward/backward itself and sums the gradients in reduce_gradients,
+    # so the Trainer builds no DDP wrapper (DDP cannot follow ranks that run different numbers of
+    # micro-batches).
+    replaces_ddp = False
 
     def __init__(self, config: Any):
         self.config = config
