@@ -24,6 +24,8 @@ import time
 
 import torch
 
+import heddle.dist as hd
+
 from heddle.bench.scenario import BenchContext, Scenario, summarize
 
 METHODS = ("none", "torch.save", "dcp.save", "dcp.async_save", "dcp.async_save+cached", "heddle", "heddle-latest")
@@ -95,7 +97,8 @@ class _Saver:
     def save(self, step: int, model, opt) -> None:
         path = os.path.join(self.directory, f"step{step}")
         start = time.perf_counter()
-        if self.method == "torch.save":
+        if self.method == "torch.save":   # one file per rank, as every rank holds a copy
+            path = f"{path}-rank{hd.group_rank_size(self.group)[0]}"
             tmp = path + ".pt.tmp"
             with open(tmp, "wb") as f:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
@@ -135,13 +138,25 @@ class _Saver:
             self.durable = [h.durable_at - h.created_at for h in self._heddle_handles if h.durable_at]
 
 
+def shared_tempdir(parent: str | None, prefix: str, group) -> str:
+    """A temporary directory rank 0 creates and every rank of ``group`` uses (a checkpoint's
+    ranks must agree on its directory: the keeper and the manifest are keyed by it)."""
+    import torch.distributed as dist
+
+    rank, world = hd.group_rank_size(group)
+    holder = [tempfile.mkdtemp(dir=parent, prefix=prefix) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    return holder[0]
+
+
 def train_case(size_mb: float, every: int, method: str, steps: int, root: str, group) -> dict:
     model, opt, x = build(size_mb)
     for _ in range(2):   # Adam state exists before the first checkpoint
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    directory = tempfile.mkdtemp(dir=root, prefix=method.replace("+", "_") + "-")
+    directory = shared_tempdir(root, method.replace("+", "_") + "-", group)
     saver = _Saver(method, directory, group)
     saver._heddle_handles = []
     if method != "none":   # one untimed checkpoint first: buffers and caches exist (steady state)
@@ -191,7 +206,11 @@ def train_case(size_mb: float, every: int, method: str, steps: int, root: str, g
     if method.startswith("heddle"):
         row.update(recovery_rows(saver.ckpt, directory, model, opt, group))
         saver.ckpt.close(shutdown_keeper_process=True)
-    shutil.rmtree(directory, ignore_errors=True)
+    rank, world = hd.group_rank_size(group)
+    if world > 1:
+        hd.barrier(group=group)
+    if rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)
     return row
 
 
@@ -290,14 +309,7 @@ class CheckpointScenario(Scenario):
 
     def run(self, ctx: BenchContext, options) -> list[dict]:
         torch.set_num_threads(1)
-        root = tempfile.mkdtemp(prefix="heddle-bench-ckpt-", dir=options.dir)
-        if ctx.world_size > 1:   # every rank writes into rank 0's directory
-            import heddle.dist as hd
-            holder = [root]
-            import torch.distributed as dist
-            dist.broadcast_object_list(holder, src=0, group=ctx.group)
-            root = holder[0]
-            hd.barrier(group=ctx.group)
+        root = shared_tempdir(options.dir, "heddle-bench-ckpt-", ctx.group)
         rows = []
         parts = options.parts.split(",")
         methods = [m for m in options.methods.split(",") if m]
