@@ -12,15 +12,12 @@ code through the harness (Parquet results).
 
 from __future__ import annotations
 
-import argparse
-import warnings
 
-import torch
 import torch.distributed as dist
 
-import heddle
 from heddle.bench.report import markdown_table, print_rows
 from heddle.bench.scenario import BenchContext
+from heddle.bench.script import script_setup
 from heddle.bench.scenarios.adaptive_sp import SCENARIO
 
 COLUMNS = {
@@ -39,15 +36,7 @@ COLUMNS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    SCENARIO.add_options(parser)
-    options = parser.parse_args(argv)
-    torch.set_num_threads(options.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    heddle.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    options, rank, world = script_setup(__doc__, [SCENARIO.add_options], argv)
     if options.part is None:
         options.part = "sim,planner" if world == 1 else "sim,planner,real"
     rows = SCENARIO.run(BenchContext(rank, world), options)

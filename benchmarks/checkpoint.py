@@ -12,15 +12,13 @@ and how) with one torch thread, prints the tables and the issue's goals marked m
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
-import torch.distributed as dist
 
-import heddle
 from heddle.bench.report import markdown_table, print_rows
 from heddle.bench.scenario import BenchContext
+from heddle.bench.script import script_setup
 from heddle.bench.scenarios.checkpoint import SCENARIO
 
 TRAIN = [("size_mb", "state MB"), ("every", "every"), ("method", "method"), ("step_s", "step s"),
@@ -61,14 +59,8 @@ def verdicts(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    SCENARIO.add_options(parser)
-    options = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    options, rank, world = script_setup(__doc__, [SCENARIO.add_options], argv, threads=False)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed.checkpoint")
-    heddle.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
     rows = SCENARIO.run(BenchContext(rank, world, verbose=True), options)
     if rank != 0:
         return rows

@@ -12,16 +12,13 @@ issue's goals marked met / missed:
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import warnings
 
-import torch
 import torch.distributed as dist
 
-import heddle
 from heddle.bench.report import markdown_table, print_rows
 from heddle.bench.scenario import BenchContext
+from heddle.bench.script import script_setup
 from heddle.bench.scenarios.compression import SCENARIO
 
 COMM = [("elements_m", "M elems"), ("case", "case"), ("bytes_per_step", "bytes/step"),
@@ -105,18 +102,10 @@ def verdicts(rows, summary):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--plot", default="docs/compress_loss.png", help="loss-curve PNG (train part)")
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    SCENARIO.add_options(parser)
-    options = parser.parse_args(argv)
-    torch.set_num_threads(options.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    heddle.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    def plot_option(parser):
+        parser.add_argument("--plot", default="docs/compress_loss.png", help="loss-curve PNG (train part)")
+
+    options, rank, world = script_setup(__doc__, [plot_option, SCENARIO.add_options], argv, warmup=1, trials=3)
     rows = SCENARIO.run(BenchContext(rank, world, verbose=True), options)
     if rank == 0:
         tables = []

@@ -12,16 +12,12 @@ this process group, one thread per process, then (rank 0) the ``moe_sim`` cost m
 
 from __future__ import annotations
 
-import argparse
 import os
-import warnings
 
-import torch
-import torch.distributed as dist
 
-import heddle
 from heddle.bench.report import markdown_table, print_rows
 from heddle.bench.scenario import BenchContext
+from heddle.bench.script import script_setup
 from heddle.bench.scenarios.moe import SCENARIO
 from heddle.bench.scenarios.moe_sim import SCENARIO as SIM, simulation_rows
 
@@ -35,18 +31,7 @@ SIMULATED = [("d_model", "d_model"), ("skew", "skew"), ("strategy", "strategy"),
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    SCENARIO.add_options(parser)
-    SIM.add_options(parser)
-    options = parser.parse_args(argv)
-    torch.set_num_threads(options.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    heddle.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    options, rank, world = script_setup(__doc__, [SCENARIO.add_options, SIM.add_options], argv, warmup=2, trials=7)
     ctx = BenchContext(rank, world, None)
     rows = SCENARIO.run(ctx, options)
     if rank != 0:

@@ -10,15 +10,12 @@ heddle's overhead over local attention as a fraction of DeepSpeed's (goal: <= 0.
 
 from __future__ import annotations
 
-import argparse
-import warnings
 
-import torch
 import torch.distributed as dist
 
-import heddle
 from heddle.bench.report import markdown_table, print_rows
 from heddle.bench.scenario import BenchContext
+from heddle.bench.script import script_setup
 from heddle.bench.scenarios.ulysses import SCENARIO
 
 COLUMNS = [("s", "s"), ("impl", "impl"), ("median_s", "fwd+bwd median s"), ("min_s", "min s"),
@@ -28,17 +25,7 @@ COLUMNS = [("s", "s"), ("impl", "impl"), ("median_s", "fwd+bwd median s"), ("min
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--trials", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
-    SCENARIO.add_options(parser)
-    options = parser.parse_args(argv)
-    torch.set_num_threads(options.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    heddle.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    options, rank, world = script_setup(__doc__, [SCENARIO.add_options], argv, warmup=1, trials=7)
     rows = SCENARIO.run(BenchContext(rank, world), options)
     if rank == 0:
         print_rows("ulysses", rows, COLUMNS)

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "allreduce_script.py")
 BIN = os.path.dirname(sys.executable)

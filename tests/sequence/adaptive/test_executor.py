@@ -113,7 +113,6 @@ def _trainer_worker(rank, world, path):
     """One Trainer step through the adaptive_sequence_parallel section (calibrated cost model)
     equals one SGD step of a single process on the whole batch."""
     import heddle
-    from heddle.sequence.adaptive import CostModel
 
     torch.set_default_dtype(torch.float64)
     ref_loss, ref_grads = _reference_grads()
