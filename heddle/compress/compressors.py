@@ -104,10 +104,11 @@ def _density_candidates(density: float) -> list[float]:
     return sorted({min(1.0, density * f) for f in (0.25, 0.5, 1.0, 2.0, 4.0)})
 
 
-class TopK(PayloadCompressor):
-    """Keep the k = density * n largest |x_i|: fp32 values + int32 indices (64 k bits), gathered."""
+class _Sparsifier(PayloadCompressor):
+    """Keeps k = density * n entries; ``bits_per_kept`` counts what travels per kept entry. The
+    tuned parameter (L-GreCo) is the density."""
 
-    family = "topk"
+    bits_per_kept = 32.0
 
     def __init__(self, density: float = 0.01):
         self.density = _check_density("density", density)
@@ -124,7 +125,17 @@ class TopK(PayloadCompressor):
 
     def bits_per_element(self, shape, param=None):
         n = _numel(shape)
-        return 64.0 * num_kept(n, self.density if param is None else param) / n
+        return self.bits_per_kept * num_kept(n, self.density if param is None else param) / n
+
+    def __repr__(self):
+        return f"{type(self).__name__}(density={self.density})"
+
+
+class TopK(_Sparsifier):
+    """Keep the k = density * n largest |x_i|: fp32 values + int32 indices (64 k bits), gathered."""
+
+    family = "topk"
+    bits_per_kept = 64.0
 
     def encode(self, x, param, *, seed, shared_seed):
         idx = kernels.topk_indices(x, num_kept(x.numel(), param))
@@ -141,33 +152,14 @@ class TopK(PayloadCompressor):
         k = num_kept(a.numel(), param)
         return float(a.sum() - torch.topk(a, k, sorted=False).values.sum())
 
-    def __repr__(self):
-        return f"TopK(density={self.density})"
 
-
-class RandomK(PayloadCompressor):
+class RandomK(_Sparsifier):
     """Keep k = density * n entries chosen by a generator seeded identically on every rank: only
     the fp32 values travel (32 k bits), and they add on the wire (all-reduce)."""
 
     family = "randomk"
     summable = True
-
-    def __init__(self, density: float = 0.01):
-        self.density = _check_density("density", density)
-
-    @property
-    def default_param(self):
-        return self.density
-
-    def candidates(self):
-        return _density_candidates(self.density)
-
-    def check_param(self, param):
-        _check_density("density", param)
-
-    def bits_per_element(self, shape, param=None):
-        n = _numel(shape)
-        return 32.0 * num_kept(n, self.density if param is None else param) / n
+    bits_per_kept = 32.0
 
     @staticmethod
     def indices(numel: int, k: int, shared_seed: int) -> torch.Tensor:
@@ -194,9 +186,6 @@ class RandomK(PayloadCompressor):
     def expected_error(self, x, param):
         n = x.numel()
         return float((1.0 - num_kept(n, param) / n) * x.double().pow(2).sum())
-
-    def __repr__(self):
-        return f"RandomK(density={self.density})"
 
 
 class Quantize(PayloadCompressor):

@@ -81,6 +81,30 @@ def _exchange(sends: dict[int, list[torch.Tensor]], recv_counts: dict[int, int],
     return batch_isend_irecv(ops), received
 
 
+def _route(plan, rank: int, *, gather: bool) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """This rank's messages as ({peer: [chunk]} to send, {peer: [chunk]} to receive), chunks in
+    ascending order. All-gather sends each chunk from its owner to every other holder in P';
+    reduce-scatter is the mirror image (every other holder sends its copy to the owner)."""
+    send: dict[int, list[int]] = {}
+    recv: dict[int, list[int]] = {}
+    for c, (owner, ranks) in enumerate(plan):
+        for r in ranks:
+            if r == owner:
+                continue
+            src, dst = (owner, r) if gather else (r, owner)
+            if src == rank:
+                send.setdefault(dst, []).append(c)
+            elif dst == rank:
+                recv.setdefault(src, []).append(c)
+    return send, recv
+
+
+def _check_shapes(name: str, chunks: Mapping[int, torch.Tensor], chunk_shape: tuple[int, ...]) -> None:
+    for c, t in chunks.items():
+        if tuple(t.shape) != chunk_shape:
+            raise ValueError(f"{name}[{c}] has shape {tuple(t.shape)}, expected chunk_shape={chunk_shape}")
+
+
 def sparse_all_gather(owned: Mapping[int, torch.Tensor], owners: Sequence[int],
                       target: Sequence[Collection[int]], *, chunk_shape: Sequence[int],
                       dtype: torch.dtype, group=None, async_op: bool = False):
@@ -96,19 +120,9 @@ def sparse_all_gather(owned: Mapping[int, torch.Tensor], owners: Sequence[int],
     mine = {c for c, (o, _) in enumerate(plan) if o == rank}
     if set(owned) != mine:
         raise ValueError(f"owned holds chunks {sorted(owned)} but this rank ({rank}) owns {sorted(mine)}")
-    for c, t in owned.items():
-        if tuple(t.shape) != chunk_shape:
-            raise ValueError(f"owned[{c}] has shape {tuple(t.shape)}, expected chunk_shape={chunk_shape}")
-    sends: dict[int, list[torch.Tensor]] = {}
-    recv_chunks: dict[int, list[int]] = {}
-    for c, (o, ranks) in enumerate(plan):
-        for r in ranks:
-            if r == o:
-                continue
-            if o == rank:
-                sends.setdefault(r, []).append(owned[c])
-            elif r == rank:
-                recv_chunks.setdefault(o, []).append(c)
+    _check_shapes("owned", owned, chunk_shape)
+    send_chunks, recv_chunks = _route(plan, rank, gather=True)
+    sends = {peer: [owned[c] for c in chunks] for peer, chunks in send_chunks.items()}
     device = next(iter(owned.values())).device if owned else torch.device("cpu")
     works, received = _exchange(sends, {p: len(cs) for p, cs in recv_chunks.items()}, chunk_shape,
                                 dtype, device, group)
@@ -141,19 +155,9 @@ def sparse_reduce_scatter(replicas: Mapping[int, torch.Tensor], owners: Sequence
     if set(replicas) != held:
         raise ValueError(f"replicas holds chunks {sorted(replicas)} but this rank ({rank}) holds "
                          f"{sorted(held)} in the target placement")
-    for c, t in replicas.items():
-        if tuple(t.shape) != chunk_shape:
-            raise ValueError(f"replicas[{c}] has shape {tuple(t.shape)}, expected chunk_shape={chunk_shape}")
-    sends: dict[int, list[torch.Tensor]] = {}
-    recv_chunks: dict[int, list[int]] = {}
-    for c, (o, ranks) in enumerate(plan):
-        for r in ranks:
-            if r == o:
-                continue
-            if r == rank:
-                sends.setdefault(o, []).append(replicas[c])
-            elif o == rank:
-                recv_chunks.setdefault(r, []).append(c)
+    _check_shapes("replicas", replicas, chunk_shape)
+    send_chunks, recv_chunks = _route(plan, rank, gather=False)
+    sends = {peer: [replicas[c] for c in chunks] for peer, chunks in send_chunks.items()}
     device = next(iter(replicas.values())).device if replicas else torch.device("cpu")
     works, received = _exchange(sends, {p: len(cs) for p, cs in recv_chunks.items()}, chunk_shape,
                                 dtype, device, group)
