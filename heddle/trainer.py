@@ -182,23 +182,29 @@ class Trainer:
             raise ValueError(f"backward() called {self._micro + 1} times before step(); "
                              f"grad_accum_steps={self.config.grad_accum_steps}")
 
-    def _replicated_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.module.parameters() if p.grad is not None and not is_sharded(p)]
-
     def _all_grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.module.parameters() if p.grad is not None]
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def _sq_norm(self, *, sharded: bool) -> torch.Tensor:
+        """Squared L2 norm (fp64, 0-dim, on the CPU) of this rank's sharded or replicated gradients;
+        one host sync, not one per parameter."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None and is_sharded(p) == sharded]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum().cpu()
+
+    def clip_grad_norm_(self, max_norm: float, *, sharded_sq: float | None = None) -> float:
         """Clip by the global norm, counting every parameter exactly once: replicated gradients
-        (identical on every rank after the sync) locally, sharded ones summed over their owners."""
-        replicated = sum(float(g.double().pow(2).sum()) for g in self._replicated_grads())
-        sharded_local = sum(float(p.grad.double().pow(2).sum()) for p in self.module.parameters()
-                            if p.grad is not None and is_sharded(p))
-        if self.world_size > 1:
-            t = torch.tensor([sharded_local], dtype=torch.float64)
-            hd.all_reduce(t, group=self.group)
-            sharded_local = float(t)
-        norm = math.sqrt(replicated + sharded_local)
+        (identical on every rank after the sync) locally, sharded ones summed over their owners.
+
+        sharded_sq: the sharded gradients' squared norm already summed over the group
+        (:meth:`step` folds it into its token-count all-reduce); None: one all-reduce here."""
+        if sharded_sq is None:
+            total = self._sq_norm(sharded=True).reshape(1)
+            if self.world_size > 1:
+                hd.all_reduce(total, group=self.group)
+            sharded_sq = float(total)
+        norm = math.sqrt(float(self._sq_norm(sharded=False)) + sharded_sq)
         if norm > max_norm:
             scale = max_norm / (norm + 1e-6)
             for g in self._all_grads():
@@ -210,11 +216,17 @@ class Trainer:
         if self._micro != self.config.grad_accum_steps:
             raise ValueError(f"step() after {self._micro} backward() calls; grad_accum_steps="
                              f"{self.config.grad_accum_steps}")
-        synced = any(plugin.reduce_gradients(self) for plugin in self.plugins)
-        if not synced and self.ddp is None and self.world_size > 1 and self.config.data_parallel:
-            for g in self._replicated_grads():
-                hd.all_reduce(g, group=self.group)
-        totals = torch.tensor([self._loss_sum, float(self._tokens)], dtype=torch.float64)
+        synced = [plugin.name for plugin in self.plugins if plugin.reduce_gradients(self)]
+        owners = [plugin.name for plugin in self.plugins if plugin.replaces_ddp]
+        if owners and not synced and self.world_size > 1 and self.config.data_parallel:
+            raise RuntimeError(f"plugins {owners} replace DDP but none summed the gradients in reduce_gradients")
+        clip = self.config.max_grad_norm
+        # One all-reduce for the step's loss, token count and (when clipping) the sharded
+        # gradients' squared norm, taken before the 1/tokens scaling and rescaled below.
+        parts = [torch.tensor(self._loss_sum, dtype=torch.float64), torch.tensor(float(self._tokens), dtype=torch.float64)]
+        if clip:
+            parts.append(self._sq_norm(sharded=True))
+        totals = torch.stack(parts)
         if self.world_size > 1:
             hd.all_reduce(totals, group=self.group)
         loss_total, tokens = float(totals[0]), float(totals[1])
@@ -224,7 +236,8 @@ class Trainer:
         scale = 1.0 / tokens
         for g in self._all_grads():
             g.mul_(scale)
-        grad_norm = self.clip_grad_norm_(self.config.max_grad_norm) if self.config.max_grad_norm else float("nan")
+        grad_norm = (self.clip_grad_norm_(clip, sharded_sq=float(totals[2]) * scale * scale) if clip
+                     else float("nan"))
         for plugin in self.plugins:
             plugin.before_optimizer_step(self)
         self.optimizer.step()

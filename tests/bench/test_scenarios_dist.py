@@ -98,7 +98,7 @@ def test_training_rows_and_ledger_bytes():
     assert ddp["vs_first"] == 1.0
     assert clip["vs_first"] == pytest.approx(clip["tokens_per_s_per_device"] / ddp["tokens_per_s_per_device"])
     # DDP at n=2 sends (n-1)/n * 2 = 1x the fp32 gradient bytes, plus the Trainer's [loss, tokens]
-    # fp64 all-reduce (16 B); clipping adds one more 8 B all-reduce of the sharded norm.
+    # fp64 all-reduce (16 B); clipping adds the sharded norm (8 B) to that same all-reduce.
     assert ddp["comm_mb_per_step"] * 1e6 == pytest.approx(ddp["params"] * 4 + 16)
     assert clip["comm_mb_per_step"] * 1e6 == pytest.approx(clip["params"] * 4 + 16 + 8)
     for r in rows:
