@@ -29,21 +29,15 @@ import heddle.dist as hd
 from heddle.bench import results
 from heddle.bench.scenario import BenchContext, Scenario
 from heddle.bench.telemetry import Telemetry
+from heddle.launch.cli import LAUNCH_FLAGS, add_launch_options
 
 ARGV_ENV = "HEDDLE_BENCH_ARGV"
-LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("harness")
     g.add_argument("-n", "--nproc", type=int, default=1, help="processes per node (default 1)")
-    g.add_argument("--nnodes", default="1", help="nodes (torchrun's --nnodes, e.g. 2 or 1:4)")
-    g.add_argument("--node-rank", type=int, default=None)
-    g.add_argument("--master-addr", default=None)
-    g.add_argument("--master-port", type=int, default=None)
-    g.add_argument("--rdzv-backend", default=None)
-    g.add_argument("--rdzv-endpoint", default=None)
-    g.add_argument("--rdzv-id", default=None)
+    add_launch_options(g)
     g.add_argument("--warmup", type=int, default=2, help="untimed calls before the trials (default 2)")
     g.add_argument("--trials", type=int, default=10, help="timed calls; median / p95 / max over them")
     g.add_argument("--out", default="heddle-results", help="results directory (Parquet dataset)")

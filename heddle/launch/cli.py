@@ -21,17 +21,26 @@ rendezvous, one thread per process unless OMP_NUM_THREADS is set). Multi-node: g
 --node-rank and --master-addr/--master-port, or --rdzv-endpoint/--rdzv-backend/--rdzv-id."""
 
 
+# torchrun's multi-node flags, passed through by `heddle run` and `heddle bench`.
+LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id")
+
+
+def add_launch_options(parser) -> None:
+    """Add torchrun's multi-node flags (``LAUNCH_FLAGS``) to a parser or argument group."""
+    parser.add_argument("--nnodes", default="1", help="nodes (torchrun's --nnodes, e.g. 2 or 1:4)")
+    parser.add_argument("--node-rank", type=int, default=None)
+    parser.add_argument("--master-addr", default=None)
+    parser.add_argument("--master-port", type=int, default=None)
+    parser.add_argument("--rdzv-backend", default=None)
+    parser.add_argument("--rdzv-endpoint", default=None)
+    parser.add_argument("--rdzv-id", default=None)
+
+
 def _run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="heddle run", description=RUN_HELP)
     p.add_argument("-n", "--nproc", "--nproc-per-node", dest="nproc", default="1",
                    help="processes per node (an integer, or 'gpu'/'cpu'/'auto' as torchrun takes)")
-    p.add_argument("--nnodes", default="1")
-    p.add_argument("--node-rank", type=int, default=None)
-    p.add_argument("--master-addr", default=None)
-    p.add_argument("--master-port", type=int, default=None)
-    p.add_argument("--rdzv-backend", default=None)
-    p.add_argument("--rdzv-endpoint", default=None)
-    p.add_argument("--rdzv-id", default=None)
+    add_launch_options(p)
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("-m", "--module", action="store_true", help="run script as a module (python -m)")
     p.add_argument("script")
@@ -49,7 +58,7 @@ def _run(argv: list[str]) -> int:
     torchrun = [f"--nproc-per-node={args.nproc}", f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
     if not multi_node:
         torchrun.append("--standalone")
-    for flag in ("node_rank", "master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id"):
+    for flag in LAUNCH_FLAGS[1:]:
         value = getattr(args, flag)
         if value is not None:
             torchrun.append(f"--{flag.replace('_', '-')}={value}")
