@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import heddle
 from heddle.data import ByteCorpus, WindowSampler
-from heddle.dist import CommLedger
+from heddle.dist import CommLedger, all_reduce, is_sharded
 from heddle.models import GPT, GPTConfig
 
 
@@ -146,8 +146,11 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed from step {resumed}" if resumed is not None else "no valid checkpoint: starting fresh",
                   flush=True)
+    # Sharded parameters (MoE experts under FSSDP) live on one rank each: count them over all ranks.
+    sharded = torch.tensor([float(sum(p.numel() for p in model.parameters() if is_sharded(p)))])
+    all_reduce(sharded)
+    params = sum(p.numel() for p in model.parameters() if not is_sharded(p)) + int(sharded)
     if rank == 0:
-        params = sum(p.numel() for p in model.parameters())
         print(f"heddle train_lm: {world} process(es), {params / 1e6:.2f}M parameters, "
               f"global batch {args.batch_size}x{args.seq_len} bytes", flush=True)
 
