@@ -20,7 +20,6 @@ Features plug in through config sections (see :mod:`heddle.plugins.base`).
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 import time
@@ -33,11 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import heddle.dist as hd
 from heddle.dist import CommLedger, is_sharded
-from heddle.plugins.base import TrainerPlugin
-
-# Config section -> plugin module (heddle.plugins.<name> defines Config and Plugin). Fixed order:
-# the checkpoint plugin comes last so it sees every other plugin's state.
-SECTIONS = ("sequence_parallel", "adaptive_sequence_parallel", "moe", "compression", "checkpoint")
+from heddle.plugins import SECTIONS, TrainerPlugin
 
 
 @dataclass
@@ -66,9 +61,9 @@ class TrainerConfig:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb} must be positive")
 
 
-def _build_plugin(section: str, value: Any) -> TrainerPlugin:
-    module = importlib.import_module(f"heddle.plugins.{section}")
-    config_cls = module.Config
+def _build_plugin(section: str, value: Any, plugin_cls: type[TrainerPlugin] | None = None) -> TrainerPlugin:
+    plugin_cls = plugin_cls or SECTIONS[section]
+    config_cls = plugin_cls.Config
     if value is True:
         value = config_cls()
     elif isinstance(value, dict):
@@ -80,7 +75,7 @@ def _build_plugin(section: str, value: Any) -> TrainerPlugin:
     elif not isinstance(value, config_cls):
         raise TypeError(f"TrainerConfig.{section}={value!r}: expected {config_cls.__module__}.Config, "
                         f"a dict of its fields, True or None")
-    return module.Plugin(value)
+    return plugin_cls(value)
 
 
 def _sum_hook(group, bucket):

@@ -47,6 +47,7 @@ class Config:
 
 class Plugin(TrainerPlugin):
     name = "adaptive_sequence_parallel"
+    Config = Config
     replaces_ddp = True  # ranks run different numbers of micro-batches: gradients summed in reduce_gradients
 
     def setup(self, trainer) -> None:

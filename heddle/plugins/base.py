@@ -5,8 +5,8 @@ TrainerConfig section) and ``Plugin(TrainerPlugin)``. The Trainer calls the hook
 
     setup -> [DDP is built] -> configure_ddp
     per micro-batch: prepare_batch (the user's forward and trainer.backward in between)
-    per step: reduce_gradients -> before_optimizer_step -> optimizer.step -> after_optimizer_step
-              -> metrics
+    per step: reduce_gradients -> local_nonfinite -> (skipped on every rank: on_skipped_step)
+              or (before_optimizer_step -> optimizer.step -> after_optimizer_step) -> metrics
 
 Every hook has a do-nothing default, so a plugin overrides only what it needs. Plugins never
 import each other; what they share goes through the Trainer's attributes (``trainer.module``,
@@ -46,6 +46,16 @@ class TrainerPlugin:
         """Return True if this plugin summed the replicated gradients across ``trainer.group``
         itself (training without DDP); the Trainer then does not."""
         return False
+
+    def local_nonfinite(self, trainer: "Trainer") -> bool:
+        """True if this rank saw a non-finite value in its part of the step (e.g. a compressor's
+        input). The Trainer ORs it over every rank with the loss and gradient checks; it rides the
+        step's [loss, tokens] all-reduce."""
+        return False
+
+    def on_skipped_step(self, trainer: "Trainer") -> None:
+        """The step was skipped on every rank (non-finite values): discard whatever this plugin
+        staged during the step so that no state changes."""
 
     def before_optimizer_step(self, trainer: "Trainer") -> None:
         pass

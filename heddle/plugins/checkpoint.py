@@ -38,6 +38,7 @@ class Config:
 
 class Plugin(TrainerPlugin):
     name = "checkpoint"
+    Config = Config
 
     def setup(self, trainer) -> None:
         c = self.config

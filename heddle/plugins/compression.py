@@ -66,6 +66,7 @@ class Config:
 
 class Plugin(TrainerPlugin):
     name = "compression"
+    Config = Config
 
     def __init__(self, config: Config):
         super().__init__(config)

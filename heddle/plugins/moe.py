@@ -57,6 +57,7 @@ class Config:
 
 class Plugin(TrainerPlugin):
     name = "moe"
+    Config = Config
 
     def setup(self, trainer) -> None:
         c = self.config

@@ -43,6 +43,7 @@ class Config:
 
 class Plugin(TrainerPlugin):
     name = "sequence_parallel"
+    Config = Config
 
     def setup(self, trainer) -> None:
         self.layout = ParallelLayout(self.config.sp_size, group=trainer.group)

@@ -99,13 +99,17 @@ def test_misuse_raises():
         heddle.TrainerConfig(grad_accum_steps=0)
 
 
-def test_sections_build_plugins(monkeypatch):
+def test_sections_build_plugins():
     import dataclasses
-    import sys
-    import types
 
+    from heddle.plugins import SECTIONS
     from heddle.plugins.base import TrainerPlugin
-    from heddle.trainer import _build_plugin
+    from heddle.trainer import TrainerConfig, _build_plugin
+
+    # the registry: every section is a TrainerConfig field and its plugin class carries its Config
+    assert list(SECTIONS) == ["sequence_parallel", "adaptive_sequence_parallel", "moe", "compression", "checkpoint"]
+    assert set(SECTIONS) <= {f.name for f in dataclasses.fields(TrainerConfig)}
+    assert all(dataclasses.is_dataclass(cls.Config) and issubclass(cls, TrainerPlugin) for cls in SECTIONS.values())
 
     @dataclasses.dataclass
     class Config:
@@ -114,12 +118,10 @@ def test_sections_build_plugins(monkeypatch):
     class Plugin(TrainerPlugin):
         name = "fake"
 
-    module = types.ModuleType("heddle.plugins.fake_section")
-    module.Config, module.Plugin = Config, Plugin
-    monkeypatch.setitem(sys.modules, "heddle.plugins.fake_section", module)
-    assert _build_plugin("fake_section", True).config == Config()
-    assert _build_plugin("fake_section", {"size": 4}).config.size == 4
+    Plugin.Config = Config
+    assert _build_plugin("fake_section", True, Plugin).config == Config()
+    assert _build_plugin("fake_section", {"size": 4}, Plugin).config.size == 4
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\]"):
-        _build_plugin("fake_section", {"bogus": 1})
+        _build_plugin("fake_section", {"bogus": 1}, Plugin)
     with pytest.raises(TypeError, match="expected"):
-        _build_plugin("fake_section", 3)
+        _build_plugin("fake_section", 3, Plugin)
