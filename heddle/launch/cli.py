@@ -4,6 +4,7 @@
     heddle env                         what this machine and launcher provide
     heddle bench SCENARIO [options]    benchmark harness (heddle.bench)
     heddle plan LENGTHS --preset NAME  adaptive sequence-parallel plan (heddle.sequence.adaptive)
+    heddle config [--format toml]      TrainerConfig defaults as a file to start from (heddle.config)
 
 Under mpirun / mpiexec / srun no launcher is needed: the script calls
 ``heddle.init_distributed()``, which reads the MPI or SLURM variables.
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                   lambda a: _delegate("heddle.bench.cli", "bench", a)),
         "plan": ("plan adaptive sequence-parallel groups for a length file",
                  lambda a: _delegate("heddle.sequence.adaptive.cli", "plan", a)),
+        "config": ("print the TrainerConfig defaults as a file to start from (--format toml|yaml|json)",
+                   lambda a: _delegate("heddle.config", "config", a)),
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: heddle {" + ",".join(commands) + "} ...\n")
