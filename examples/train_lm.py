@@ -86,14 +86,10 @@ def feature_sections(args) -> dict:
 def adaptive_sp_loop(args, trainer, rank):
     """--adaptive-sp: global batches of whole stdlib files (byte tokens, cut at --asp-max-len) by
     token budget; the plan for step t+1 is computed in the background while step t trains."""
-    import sysconfig
-    import tempfile
+    from heddle.data import TokenBudgetSampler, stdlib_documents
 
-    from heddle.data import TokenBudgetSampler, TokenDataset, build_byte_dataset
-
-    path = os.path.join(tempfile.gettempdir(), f"heddle-stdlib-docs-{args.asp_max_len}-r{rank}.arrow")
-    docs = TokenDataset(build_byte_dataset(sysconfig.get_paths()["stdlib"], path, suffixes=(".py",),
-                                           max_len=args.asp_max_len + 1))
+    # the ByteCorpus.stdlib bytes as documents, built once into the user cache (see heddle.data.cache)
+    docs = stdlib_documents(max_len=args.asp_max_len + 1)
     sampler = trainer.track("sampler", TokenBudgetSampler(docs.lengths - 1, args.asp_tokens, seed=args.seed))
     asp = trainer.adaptive_sp
     if rank == 0:

@@ -8,27 +8,40 @@ import sysconfig
 import torch
 
 
+def stdlib_source_files() -> list[str]:
+    """The corpus definition shared by :meth:`ByteCorpus.stdlib` and
+    :func:`heddle.data.stdlib_documents`: this interpreter's standard-library ``.py`` files in
+    sorted path order, without site-packages, test directories and caches."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "__pycache__"))
+        files.extend(os.path.join(dirpath, name) for name in sorted(filenames) if name.endswith(".py"))
+    if not files:
+        raise FileNotFoundError(f"no .py files under the standard library at {root}")
+    return files
+
+
+def stdlib_source_chunks(max_bytes: int = 8 << 20) -> list[bytes]:
+    """The files of :func:`stdlib_source_files`, one bytes object each, until ``max_bytes`` in
+    total (the last one cut there)."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes} must be positive")
+    chunks, total = [], 0
+    for path in stdlib_source_files():
+        with open(path, "rb") as f:
+            data = f.read()
+        chunks.append(data[:max_bytes - total])
+        total += len(chunks[-1])
+        if total >= max_bytes:
+            break
+    return chunks
+
+
 def stdlib_source_bytes(max_bytes: int = 8 << 20) -> bytes:
     """Concatenated ``.py`` files of this interpreter's standard library, in sorted path order
     (the same bytes on every machine with the same Python), capped at ``max_bytes``."""
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes={max_bytes} must be positive")
-    root = sysconfig.get_paths()["stdlib"]
-    chunks, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "__pycache__"))
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            with open(os.path.join(dirpath, name), "rb") as f:
-                data = f.read()
-            chunks.append(data)
-            total += len(data)
-            if total >= max_bytes:
-                return b"".join(chunks)[:max_bytes]
-    if not chunks:
-        raise FileNotFoundError(f"no .py files under the standard library at {root}")
-    return b"".join(chunks)
+    return b"".join(stdlib_source_chunks(max_bytes))
 
 
 class ByteCorpus:
