@@ -154,23 +154,6 @@ def _all_to_all_forward(x: torch.Tensor, scatter_dim: int, gather_dim: int,
     return torch.cat([p.view(s) for p, s in zip(pieces, chunk_shapes)], dim=gather_dim)
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, scatter_sizes, gather_sizes, group):
-        ctx.args = (scatter_dim, gather_dim, scatter_sizes, gather_sizes, group)
-        return _all_to_all_forward(x, scatter_dim, gather_dim, scatter_sizes, gather_sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim, scatter_sizes, gather_sizes, group = ctx.args
-        rank, n = group_rank_size(group)
-        # The adjoint of an all-to-all is the all-to-all with the roles of the dims swapped:
-        # what rank j sent along scatter_dim comes back from it along gather_dim.
-        back = _all_to_all_forward(grad.contiguous(), gather_dim, scatter_dim,
-                                   gather_sizes, scatter_sizes, group)
-        return back, None, None, None, None, None
-
-
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None, *,
                scatter_sizes: Sequence[int] | None = None,
                gather_sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -201,4 +184,6 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None, *
                          f"{x.shape[gather_dim]} along gather_dim={gather_dim}")
     if n == 1:
         return x
-    return _AllToAll.apply(x.contiguous(), scatter_dim, gather_dim, sizes_s, sizes_g, group)
+    # The custom op (heddle.dist.custom_ops) lets torch.compile trace it; its autograd is the adjoint.
+    from heddle.dist.custom_ops import all_to_all_op, group_name
+    return all_to_all_op(x.contiguous(), scatter_dim, gather_dim, sizes_s, sizes_g, group_name(group))

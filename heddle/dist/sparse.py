@@ -117,6 +117,11 @@ def sparse_all_gather(owned: Mapping[int, torch.Tensor], owners: Sequence[int],
     rank, world = group_rank_size(group)
     plan = _check_placement(owners, target, world)
     chunk_shape = tuple(int(s) for s in chunk_shape)
+    if torch.compiler.is_compiling() and not async_op:  # traceable: heddle::sparse_all_gather
+        from heddle.dist.custom_ops import encode_placement, group_name, sparse_all_gather_op
+        outs = sparse_all_gather_op([owned[c] for c in sorted(owned)], *encode_placement(owners, target),
+                                    list(chunk_shape), dtype, group_name(group))
+        return dict(zip([c for c, (_, ranks) in enumerate(plan) if rank in ranks], outs))
     mine = {c for c, (o, _) in enumerate(plan) if o == rank}
     if set(owned) != mine:
         raise ValueError(f"owned holds chunks {sorted(owned)} but this rank ({rank}) owns {sorted(mine)}")
@@ -151,6 +156,11 @@ def sparse_reduce_scatter(replicas: Mapping[int, torch.Tensor], owners: Sequence
     rank, world = group_rank_size(group)
     plan = _check_placement(owners, target, world)
     chunk_shape = tuple(int(s) for s in chunk_shape)
+    if torch.compiler.is_compiling() and not async_op:  # traceable: heddle::sparse_reduce_scatter
+        from heddle.dist.custom_ops import encode_placement, group_name, sparse_reduce_scatter_op
+        outs = sparse_reduce_scatter_op([replicas[c] for c in sorted(replicas)], *encode_placement(owners, target),
+                                        list(chunk_shape), dtype, group_name(group))
+        return dict(zip([c for c, (o, _) in enumerate(plan) if o == rank], outs))
     held = {c for c, (_, ranks) in enumerate(plan) if rank in ranks}
     if set(replicas) != held:
         raise ValueError(f"replicas holds chunks {sorted(replicas)} but this rank ({rank}) holds "
