@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                   lambda a: _delegate("heddle.bench.cli", "bench", a)),
         "plan": ("plan adaptive sequence-parallel groups for a length file",
                  lambda a: _delegate("heddle.sequence.adaptive.cli", "plan", a)),
+        "cluster": ("an emulated multi-node cluster on this machine: run, kill-node, list, clean",
+                    lambda a: _delegate("heddle.cluster.cli", "cluster", a)),
         "config": ("print the TrainerConfig defaults as a file to start from (--format toml|yaml|json)",
                    lambda a: _delegate("heddle.config", "config", a)),
     }
