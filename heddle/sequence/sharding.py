@@ -97,6 +97,23 @@ def gather_sequence(x: torch.Tensor, shard: SequenceShard, group=None) -> torch.
     return full.narrow(shard.dim, 0, shard.length)
 
 
+def check_cu_seqlens(cu_seqlens, length: int, name: str = "cu_seqlens") -> None:
+    """``ValueError`` unless ``cu_seqlens`` is a 1-d integer tensor ``[0, ..., total]`` with at
+    least two entries, non-decreasing, and ``total <= length`` (the global sequence length)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"{name} must be an integer tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {cu_seqlens.dtype}; document boundaries must be an integer tensor "
+                         f"(int32 or int64)")
+    values = cu_seqlens.tolist() if cu_seqlens.dim() == 1 else None
+    if values is None or len(values) < 2 or values[0] != 0:
+        raise ValueError(f"{name}={cu_seqlens.tolist()} must be 1-d [0, ..., total] with >= 2 entries")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name}={values} must be non-decreasing (cumulative document lengths)")
+    if values[-1] > length:
+        raise ValueError(f"{name}[-1]={values[-1]} exceeds the sequence length {length}")
+
+
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor | None, length: int) -> torch.Tensor:
     """Global position ids [length] (int64): 0, 1, ... restarting at each document start of
     ``cu_seqlens`` ([num_docs + 1], from 0); positions after ``cu_seqlens[-1]`` (padding) keep
@@ -104,11 +121,8 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor | None, length: int) -
     pos = torch.arange(length)
     if cu_seqlens is None:
         return pos
+    check_cu_seqlens(cu_seqlens, length)
     cu = cu_seqlens.to("cpu", torch.int64)
-    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens={cu.tolist()} must be non-decreasing, 1-d, and start at 0")
-    if int(cu[-1]) > length:
-        raise ValueError(f"cu_seqlens[-1]={int(cu[-1])} exceeds the sequence length {length}")
     doc = torch.bucketize(pos, cu[1:-1], right=True)
     return pos - cu[doc]
 
@@ -127,8 +141,7 @@ def padding_cu_seqlens(cu_seqlens: torch.Tensor | None, shard: SequenceShard) ->
     """``cu_seqlens`` that mask ``shard``'s padding out of attention: unchanged when given (padding
     lies after its last entry) or when there is no padding, else ``[0, length]``."""
     if cu_seqlens is not None:
-        if int(cu_seqlens[-1]) > shard.length:
-            raise ValueError(f"cu_seqlens[-1]={int(cu_seqlens[-1])} exceeds the sequence length {shard.length}")
+        check_cu_seqlens(cu_seqlens, shard.length)
         return cu_seqlens
     if shard.padding == 0:
         return None

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from heddle.dist import all_gather_into_tensor, group_rank_size
 from heddle.models.attention import local_attention
+from heddle.sequence.sharding import check_cu_seqlens
 from heddle.sequence.ulysses_communications import GatherHeads, HeadSplit, ScatterHeads
 from heddle.sequence.ulysses_overlap import OverlappedUlysses, chunk_splits
 
@@ -149,8 +150,6 @@ class UlyssesAttention(nn.Module):
                                  f"{getattr(t, 'shape', type(t).__name__)}")
             if not t.is_floating_point():
                 raise TypeError(f"{name}.dtype={t.dtype}: Ulysses attention needs floating-point tensors")
-        if not (q.dtype == k.dtype == v.dtype):
-            raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
         if not (q.device == k.device == v.device):
             raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
         if k.shape != v.shape:
@@ -159,9 +158,9 @@ class UlyssesAttention(nn.Module):
         if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} ({self.layout}) must agree "
                              f"on batch, sequence and head_dim")
-        if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0):
-            raise ValueError(f"cu_seqlens={cu_seqlens.tolist()} must be 1-d [0, ..., total] with >= 2 entries")
         rank, world = group_rank_size(self._group)
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, q.shape[seq_dim] * world)
         if world == 1 or self.check == "never" or (self.check == "first" and self._checked):
             return
         dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -184,7 +183,21 @@ class UlyssesAttention(nn.Module):
 
     def forward(self, q, k, v, *, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """q/k/v may differ in dtype (RoPE upcasts q and k under autocast while v stays bf16): they
+        travel and attend in :func:`compute_dtype`, and the result comes back in q's dtype."""
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and not t.is_floating_point():
+                raise TypeError(f"{name}.dtype={t.dtype}: Ulysses attention needs floating-point tensors")
+        out_dtype = q.dtype
+        dtype = compute_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         self._validate(q, k, v, causal, cu_seqlens)
+        attn_kwargs = {"causal": causal, "cu_seqlens": cu_seqlens}
+        return self.run(q, k, v, lambda q, k, v: self.attn_fn(q, k, v, **attn_kwargs)).to(out_dtype)
+
+    def run(self, q, k, v, attend) -> torch.Tensor:
+        """The exchange around ``attend(q, k, v)``, which gets batch-first full-sequence views
+        ``[b, s, h_me, d]`` and returns ``[b, s, h_me, d]``; q/k/v of one dtype, not validated."""
         rank, world = group_rank_size(self._group)
         batch_first = self.layout == "bshd"
         if batch_first:  # sequence-first views: every all-to-all block is then contiguous
@@ -198,18 +211,40 @@ class UlyssesAttention(nn.Module):
             chunk_key = (*key, self.overlap_chunks)
             if chunk_key not in self._plans:
                 self._plans[chunk_key] = chunk_splits(q_split, kv_split, self.overlap_chunks)
-            out = OverlappedUlysses.apply(self._plans[chunk_key], self._group, batch_first, self.attn_fn,
-                                          {"causal": causal, "cu_seqlens": cu_seqlens}, q, k, v)
+            out = OverlappedUlysses.apply(self._plans[chunk_key], self._group, batch_first, attend, {}, q, k, v)
             return out.transpose(0, 1) if batch_first else out
+        if world > 1 and torch.compiler.is_compiling():
+            return self._run_traceable(q, k, v, attend, q_split, kv_split, batch_first)
         if world == 1:
             q_full, k_full, v_full = q, k, v
         else:
             q_full, k_full, v_full = ScatterHeads.apply((q_split, kv_split, kv_split), self._group,
                                                         batch_first, q, k, v)
-        # [s, b, h_me, d] -> batch-first views for attn_fn.
-        out = self.attn_fn(q_full.transpose(0, 1), k_full.transpose(0, 1), v_full.transpose(0, 1),
-                           causal=causal, cu_seqlens=cu_seqlens)
+        # [s, b, h_me, d] -> batch-first views for attend.
+        out = attend(q_full.transpose(0, 1), k_full.transpose(0, 1), v_full.transpose(0, 1))
         if world > 1:
             out = GatherHeads.apply(q_split, self._group, batch_first, out.transpose(0, 1))  # [s/P, b, H, d]
             return out.transpose(0, 1) if batch_first else out
         return out if batch_first else out.transpose(0, 1)
+
+    def _run_traceable(self, q, k, v, attend, q_split, kv_split, batch_first):
+        """Under torch.compile: the same exchange through the custom ops of
+        :mod:`heddle.dist.custom_ops` (Dynamo traces them; outputs are copies, not views)."""
+        from heddle.dist.custom_ops import encode_splits, group_name, ulysses_gather_op, ulysses_scatter_op
+        name = group_name(self._group)
+        # the ops are batch-first: [b, s/P, H, d]
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        q_full, k_full, v_full = ulysses_scatter_op([q, k, v], encode_splits((q_split, kv_split, kv_split)), name)
+        out = attend(q_full, k_full, v_full)
+        (out,) = ulysses_gather_op([out.contiguous()], encode_splits((q_split,)), name)
+        return out if batch_first else out.transpose(0, 1)
+
+
+def compute_dtype(q, k, v) -> torch.dtype:
+    """The dtype Ulysses moves and attends q/k/v in: autocast's dtype when autocast is on for
+    their device (what SDPA would run in), else the promotion of the three dtypes."""
+    device = q.device.type
+    low = (torch.float32, torch.float16, torch.bfloat16)
+    if torch.is_autocast_enabled(device) and all(t.dtype in low for t in (q, k, v)):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
