@@ -18,13 +18,19 @@ Overlap: ``UlyssesAttention(group, overlap_chunks=C)`` (or ``parallelize(..., ov
 pipelines C head chunks so the all-to-alls run while attention computes; C = 1 (the default) is
 exactly one packed all-to-all each way.
 
+Hugging Face transformers models (``pip install heddle[hf]``): ``parallelize(hf_model, group)``
+registers heddle's attention with transformers' attention interface (:mod:`heddle.sequence.hf`);
+``shard_for_causal_lm(input_ids, group)`` cuts a causal-LM batch with globally shifted labels.
+
 Global positions: :func:`local_position_ids` gives this rank's slice of the global position ids
 (restarting at each document of ``cu_seqlens``), for RoPE before the first all-to-all.
 """
 
+from heddle.sequence.causal_lm import CausalLMShard, shard_for_causal_lm, shift_causal_labels
 from heddle.sequence.parallelize import UlyssesHandle, parallelize
 from heddle.sequence.sharding import (
     SequenceShard,
+    check_cu_seqlens,
     gather_sequence,
     local_position_ids,
     padding_cu_seqlens,
@@ -36,5 +42,6 @@ from heddle.sequence.ulysses import UlyssesAttention, default_attention, plan_he
 __all__ = [
     "UlyssesAttention", "UlyssesHandle", "parallelize", "plan_heads", "default_attention",
     "SequenceShard", "shard_sequence", "gather_sequence",
-    "position_ids_from_cu_seqlens", "local_position_ids", "padding_cu_seqlens",
+    "position_ids_from_cu_seqlens", "local_position_ids", "padding_cu_seqlens", "check_cu_seqlens",
+    "shard_for_causal_lm", "shift_causal_labels", "CausalLMShard",
 ]

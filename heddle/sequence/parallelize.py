@@ -1,6 +1,9 @@
 """Apply Ulysses to a model in place.
 
-Module contract: every attention module exposes its core attention (the softmax(QK^T)V part, after
+A transformers ``PreTrainedModel`` needs no contract: :func:`parallelize` registers heddle's attention
+with transformers' attention interface (:mod:`heddle.sequence.hf`).
+
+Module contract (heddle's GPT, users' own models): every attention module exposes its core attention (the softmax(QK^T)V part, after
 the q/k/v projections and RoPE) as a submodule attribute ``core_attention``, called as
 ``core_attention(q, k, v, *, causal=..., cu_seqlens=..., position_ids=...)`` with q
 ``[b, s, H, d]`` and k/v ``[b, s, Hkv, d]`` (batch-first; ``layout="sbhd"`` for sequence-first
@@ -54,6 +57,13 @@ def parallelize(model: nn.Module, group=None, *, attn_fn=None, layout: str = "bs
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from heddle.sequence.hf import is_transformers_model, parallelize_hf
+    if is_transformers_model(model) and not any(hasattr(m, "core_attention") for m in model.modules()):
+        if attn_fn is not None or layout != "bshd":
+            raise ValueError(f"parallelize: attn_fn={attn_fn!r} and layout={layout!r} belong to the core_attention "
+                             f"contract; a transformers model ({type(model).__name__}) attends with heddle's SDPA "
+                             f"through transformers' attention interface")
+        return parallelize_hf(model, group, check=check, overlap_chunks=overlap_chunks)
     modules, names = [], []
     for name, parent in list(model.named_modules()):
         core = getattr(parent, "core_attention", None)
