@@ -13,9 +13,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from heddle.dist.ledger import record
+from heddle.dist.ledger import blocking, record
 
 ReduceOp = dist.ReduceOp
+
+# torch 2.13 renamed the single-tensor collectives and warns (FutureWarning) on the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_rank_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -33,20 +37,23 @@ def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool
     _, n = group_rank_size(group)
     moved = 2 * (n - 1) * _nbytes(tensor) // n if n > 1 else 0
     record("all_reduce", n, moved, moved)
-    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    with blocking("all_reduce", async_op):
+        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
 
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
     _, n = group_rank_size(group)
     record("all_gather", n, (n - 1) * _nbytes(input), (n - 1) * _nbytes(input))
-    return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
+    with blocking("all_gather", async_op):
+        return _all_gather_single(output, input, group=group, async_op=async_op)
 
 
 def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group=None, async_op: bool = False):
     rank, n = group_rank_size(group)
     received = sum(_nbytes(t) for i, t in enumerate(tensor_list) if i != rank)
     record("all_gather", n, (n - 1) * _nbytes(tensor), received)
-    return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    with blocking("all_gather", async_op):
+        return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, op=ReduceOp.SUM, group=None,
@@ -54,7 +61,8 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, op=ReduceOp
     _, n = group_rank_size(group)
     moved = (n - 1) * _nbytes(input) // n if n > 1 else 0
     record("reduce_scatter", n, moved, moved)
-    return dist.reduce_scatter_tensor(output, input, op=op, group=group, async_op=async_op)
+    with blocking("reduce_scatter", async_op):
+        return _reduce_scatter_single(output, input, op=op, group=group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
@@ -63,7 +71,8 @@ def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False
     is_root = not dist.is_initialized() or dist.get_rank() == src
     size = _nbytes(tensor) if n > 1 else 0
     record("broadcast", n, size if is_root else 0, 0 if is_root else size)
-    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    with blocking("broadcast", async_op):
+        return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
 
 
 def reduce(tensor: torch.Tensor, dst: int, op=ReduceOp.SUM, group=None, async_op: bool = False):
@@ -72,7 +81,8 @@ def reduce(tensor: torch.Tensor, dst: int, op=ReduceOp.SUM, group=None, async_op
     is_root = dist.get_rank() == dst
     size = _nbytes(tensor) if n > 1 else 0
     record("reduce", n, 0 if is_root else size, (n - 1) * size if is_root else 0)
-    return dist.reduce(tensor, dst=dst, op=op, group=group, async_op=async_op)
+    with blocking("reduce", async_op):
+        return dist.reduce(tensor, dst=dst, op=op, group=group, async_op=async_op)
 
 
 def all_to_all_single(output: torch.Tensor, input: torch.Tensor,
@@ -89,8 +99,9 @@ def all_to_all_single(output: torch.Tensor, input: torch.Tensor,
     if n == 1:
         output.copy_(input)
         return None
-    return dist.all_to_all_single(output, input, output_split_sizes=output_split_sizes,
-                                  input_split_sizes=input_split_sizes, group=group, async_op=async_op)
+    with blocking("all_to_all", async_op):
+        return dist.all_to_all_single(output, input, output_split_sizes=output_split_sizes,
+                                      input_split_sizes=input_split_sizes, group=group, async_op=async_op)
 
 
 def batch_isend_irecv(p2p_ops: list[dist.P2POp]):
@@ -111,7 +122,8 @@ def batch_isend_irecv(p2p_ops: list[dist.P2POp]):
 def barrier(group=None) -> None:
     _, n = group_rank_size(group)
     record("barrier", n, 0, 0)
-    dist.barrier(group=group)
+    with blocking("barrier"):
+        dist.barrier(group=group)
 
 
 def _even_sizes(total: int, parts: int) -> list[int]:

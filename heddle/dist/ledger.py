@@ -19,11 +19,17 @@ Ledgers nest: every active ledger records every collective. By default a ledger 
 collectives from all threads (DDP comm hooks run on autograd's device threads on GPUs, a
 background planner or checkpoint writer on its own thread); ``CommLedger(thread_local=True)``
 records only those issued by the thread that entered it.
+
+Progress: :func:`record` also counts the collectives this process has entered, and
+:func:`blocking` notes which one each thread is inside until it returns. That bookkeeping (a
+counter and a dict entry, no communication) is what :mod:`heddle.dist.watchdog` reads to name the
+last collective a stalled rank entered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,8 +123,49 @@ def comm_tag(tag: str):
         _tag_state.tag = previous
 
 
+class _Progress:
+    """The collectives this process entered: a count, the last one, and the ones threads are
+    blocked in right now (thread id -> (op, number, time.monotonic() at entry))."""
+
+    def __init__(self):
+        self._counter = itertools.count(1)
+        self.entered = 0
+        self.last_op = ""
+        self.inside: dict[int, tuple[str, int, float]] = {}
+
+    def enter(self, op: str) -> None:
+        self.entered = next(self._counter)  # itertools.count is atomic under the GIL
+        self.last_op = op
+
+    def oldest_inside(self) -> tuple[str, int, float] | None:
+        entries = list(self.inside.values())
+        return min(entries, key=lambda e: e[2]) if entries else None
+
+
+progress = _Progress()
+
+
+class blocking:
+    """``with blocking(op, async_op):`` around a collective call: this thread is inside ``op``
+    until the call returns (an async call returns at once and is not tracked)."""
+
+    __slots__ = ("op", "track")
+
+    def __init__(self, op: str, async_op: bool = False):
+        self.op, self.track = op, not async_op
+
+    def __enter__(self):
+        if self.track:
+            progress.inside[threading.get_ident()] = (self.op, progress.entered, time.monotonic())
+
+    def __exit__(self, *exc):
+        if self.track:
+            progress.inside.pop(threading.get_ident(), None)
+
+
 def record(op: str, group_size: int, bytes_sent: int, bytes_received: int) -> None:
     """Record one collective in every active ledger (called by heddle.dist's wrappers)."""
+    progress.enter(op)
     if not _active:
         return
     rec = CommRecord(
