@@ -28,7 +28,7 @@ from heddle.dist import all_gather, comm_tag, group_rank_size, mark_sharded
 from heddle.moe.communication import MaterializedExperts, gather, uneven_all_to_all
 from heddle.moe.experts import ExpertStore, expert_numel, init_expert
 from heddle.moe.placement import LoadPredictor, dispatch_plan, materialize, round_robin_owners
-from heddle.moe.router import route
+from heddle.moe.router import Routing, route
 
 STRATEGIES = ("fssdp", "ep")
 
@@ -72,7 +72,6 @@ class MoE(nn.Module):
         self.overlap_degree = self.memory_slots if overlap_degree is None else overlap_degree
         self.rematerialize = rematerialize
         self.init_std, self.out_std = init_std, init_std if out_std is None else out_std
-        self.dtype = dtype
         g = torch.Generator().manual_seed(int(seed) * 1_000_003)
         self.router = nn.Linear(d_model, num_experts, bias=False, dtype=dtype)
         with torch.no_grad():
@@ -85,7 +84,31 @@ class MoE(nn.Module):
         self.owners: list[int] = []
         self.set_owners(round_robin_owners(num_experts, self.world_size), init=True)
         self._prefetched = None
+        self._group_checked = False
         self.last_stats: dict[str, float] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The layer's dtype, read from its router at run time (so ``MoE.to(dtype)`` moves the
+        experts' collectives too)."""
+        return self.router.weight.dtype
+
+    def _check_group(self) -> None:
+        """Once: every rank of the group must build the same layer, or the collectives below would
+        disagree on sizes (gloo aborts instead of raising). ValueError on every rank."""
+        if self._group_checked or self.world_size == 1:
+            return
+        mine = torch.tensor([self.num_experts, self.d_model, self.d_ffn, self.top_k,
+                             STRATEGIES.index(self.strategy)], dtype=torch.int64)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        with comm_tag("moe"):
+            all_gather(parts, mine, group=self.group)
+        if any(not torch.equal(p, mine) for p in parts):
+            rows = "; ".join(f"rank {r}: num_experts={p[0]}, d_model={p[1]}, d_ffn={p[2]}, top_k={p[3]}, "
+                             f"strategy={STRATEGIES[int(p[4])]!r}" for r, p in enumerate(parts))
+            raise ValueError(f"MoE layers differ across the {self.world_size} ranks of the group (every rank "
+                             f"must build the same layer): {rows}")
+        self._group_checked = True
 
     # -- ownership -------------------------------------------------------------------------
     def _global_rank(self, r: int) -> int:
@@ -152,6 +175,7 @@ class MoE(nn.Module):
     def prefetch(self) -> None:
         """Issue this iteration's spAG now (asynchronously) so it overlaps what runs before the
         layer (the attention of the same block); :meth:`forward` waits on it."""
+        self._check_group()
         target = self.plan_placement()
         self._prefetched = (target, self.gather_experts(self.owners, target, async_op=True))
 
@@ -163,6 +187,29 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         r = route(tokens, self.router.weight, top_k=self.top_k, normalize_gates=self.normalize_gates,
                   capacity_factor=self.capacity_factor)
+        return self._dispatch(tokens, r).reshape(shape), r.aux_loss
+
+    def forward_routed(self, x: torch.Tensor, expert_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The experts under an external router (e.g. a transformers model's own gate):
+        x [T, d_model], expert_index / gates [T, top_k] -> y [T, d_model] = sum_k gates * expert(x).
+        Dropless; the aux loss is the external router's business."""
+        if x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, d_model={self.d_model}]")
+        if expert_index.shape != gates.shape or expert_index.shape[0] != x.shape[0]:
+            raise ValueError(f"expert_index {tuple(expert_index.shape)} and gates {tuple(gates.shape)} must both be "
+                             f"[T={x.shape[0]}, top_k]")
+        top_k = expert_index.shape[1]
+        expert = expert_index.t().reshape(-1)  # slot-major, as route() orders assignments
+        order = torch.argsort(expert, stable=True)
+        token = torch.arange(x.shape[0], device=x.device).repeat(top_k)
+        r = Routing(expert=expert[order], token=token[order], gate=gates.t().reshape(-1)[order],
+                    counts=torch.bincount(expert, minlength=self.num_experts), aux_loss=x.new_zeros(()),
+                    dropped=0)
+        return self._dispatch(x, r)
+
+    def _dispatch(self, tokens: torch.Tensor, r: Routing) -> torch.Tensor:
+        """tokens [T, d_model] and their routing -> y [T, d_model] (steps 2-4 of the module doc)."""
+        self._check_group()
         if self._prefetched is not None:
             target, handle = self._prefetched
             self._prefetched = None
@@ -210,7 +257,7 @@ class MoE(nn.Module):
                            "max_over_mean": float(processed.max() / max(processed.mean(), 1e-12)),
                            "replicas": float(sum(len(t) - 1 for t in target))}
         self.last_load, self.last_target = processed, target
-        return y.reshape(shape), r.aux_loss
+        return y
 
     def _all_counts(self, local: torch.Tensor) -> np.ndarray:
         if self.world_size == 1:
