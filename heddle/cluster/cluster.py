@@ -132,7 +132,7 @@ class Cluster:
         hosts = os.path.join(netns.STATE_ROOT, self.tag, "hosts")
         argv = netns.node_init_argv(self.names["node_ns"][i], i, hosts, self.shm_size)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, env={**os.environ, "HEDDLE_CLUSTER_TAG": self.tag})
         line = proc.stdout.readline().strip()
         if line != "ready":
             proc.kill()
@@ -305,7 +305,12 @@ class Cluster:
                 if lost:   # `heddle cluster kill-node` from another shell
                     for i in lost:
                         self.kill_node(i)
-                    killed = KillEvent(lost, time.time(), self._attempt, None, None)
+                    markers += tail.poll()
+                    own = [m for m in markers if m["phase"] == "kill" and m["node"] in lost
+                           and m["attempt"] == self._attempt]
+                    # a job that kills its own node (elastic_job --self-kill-*) marks the moment
+                    killed = KillEvent(lost, own[0]["t"] if own else time.time(), self._attempt,
+                                       own[0] if own else None, None)
                     kills.append(killed)
                     break
                 codes = [p.poll() for p in procs]
