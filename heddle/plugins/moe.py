@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 from heddle.moe import STRATEGIES, MoE, reshard
 from heddle.moe.apply import replace_mlps, swap_optimizer_params
+from heddle.moe.hf import HFSparseMoeBlock, from_hf
 from heddle.plugins.base import TrainerPlugin
+from heddle.sequence.hf import is_transformers_model
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Plugin(TrainerPlugin):
 
     def setup(self, trainer) -> None:
         c = self.config
+        if is_transformers_model(trainer.module):
+            return self._setup_hf(trainer)
         swapped = replace_mlps(trainer.module, num_experts=c.num_experts, top_k=c.top_k, group=trainer.group,
                                d_ffn=c.d_ffn, seed=c.seed, strategy=c.strategy,
                                capacity_factor=c.capacity_factor, activation=c.activation,
@@ -75,6 +79,22 @@ class Plugin(TrainerPlugin):
                 self.hooks.append(block.register_forward_pre_hook(lambda module, args: module.mlp.prefetch()))
         self.moved = 0
         trainer.moe_layers = self.layers
+
+    def _setup_hf(self, trainer) -> None:
+        """A transformers MoE model: its sparse blocks become heddle MoE with its weights
+        (:func:`heddle.moe.from_hf`); num_experts / top_k / d_ffn / activation come from the model,
+        the aux loss stays HF's (``output_router_logits``), so ``auxiliary_loss`` adds nothing."""
+        c = self.config
+        self.layers = from_hf(trainer.module, trainer.group, strategy=c.strategy, rematerialize=c.rematerialize,
+                              overlap_degree=c.overlap_degree, memory_slots=c.memory_slots, window=c.window)
+        self.aux_losses = {}
+        self.hooks = []
+        if c.overlap and c.strategy == "fssdp" and trainer.world_size > 1:
+            for block in (m for m in trainer.module.modules() if isinstance(m, HFSparseMoeBlock)):
+                parent = block._source[0][0]  # the decoder layer: prefetch before its attention
+                self.hooks.append(parent.register_forward_pre_hook(
+                    lambda module, args, moe=block.experts: moe.prefetch()))
+        self.moved = 0
 
     def after_optimizer_step(self, trainer) -> None:
         every = self.config.reshard_every

@@ -25,6 +25,7 @@ import torch
 
 from heddle.dist import ParallelLayout
 from heddle.plugins.base import TrainerPlugin
+from heddle.sequence.hf import is_transformers_model
 from heddle.sequence import local_position_ids, padding_cu_seqlens, parallelize, shard_sequence
 
 
@@ -78,6 +79,8 @@ class Plugin(TrainerPlugin):
         cu = padding_cu_seqlens(cu_seqlens, shard)
         if cu is not None:
             out["cu_seqlens"] = cu.to(tokens.device)
+        if is_transformers_model(trainer.module) and out["position_ids"].dim() == 1:
+            out["position_ids"] = out["position_ids"].unsqueeze(0)  # HF's RoPE wants [b or 1, s]
         return out
 
     def metrics(self, trainer) -> dict[str, float]:
