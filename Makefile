@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.heddle-installed
 NPROC  ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench docs install clean
+.PHONY: demo test bench docs install clean fault-campaign
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ bench: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 	@echo "open site/index.html"
+
+# Seeded fault campaign for the checkpoint (issue 13): >= 40 trials of SIGKILL at snapshot / flush /
+# commit / retention points, keeper death and disk full (tmpfs mounts: run as root); prints the table.
+FAULT_TRIALS ?= 42
+FAULT_SEED ?= 0
+fault-campaign: $(STAMP)
+	$(PY) -m tests.checkpoint.fault_campaign --trials $(FAULT_TRIALS) --seed $(FAULT_SEED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
