@@ -64,13 +64,23 @@ def expand_first_host(nodelist: str) -> str:
     return prefix + first
 
 
-def _check_rank(source: str, rank: int, world_size: int, local_rank: int) -> None:
+def _check_rank(source: str, rank: int, world_size: int, local_rank: int,
+                local_world_size: int | None = None, names: tuple[str, str, str, str] | None = None) -> None:
+    """``names``: the variables (rank, world size, local rank, local world size) the values came
+    from, so the message names what to fix."""
+    rank_n, world_n, local_n, local_world_n = names or ("rank", "world size", "local rank", "local world size")
     if world_size < 1:
-        raise ValueError(f"{source}: world size {world_size} must be >= 1")
+        raise ValueError(f"{source}: {world_n}={world_size} must be >= 1")
     if not 0 <= rank < world_size:
-        raise ValueError(f"{source}: rank {rank} is outside [0, {world_size}) for world size {world_size}")
+        raise ValueError(f"{source}: {rank_n}={rank} must be in [0, {world_n}={world_size}) "
+                         f"(rank {rank} is outside a world of {world_size})")
     if local_rank < 0:
-        raise ValueError(f"{source}: local rank {local_rank} must be >= 0")
+        raise ValueError(f"{source}: {local_n}={local_rank} must be >= 0")
+    if local_world_size is not None:
+        if not 1 <= local_world_size <= world_size:
+            raise ValueError(f"{source}: {local_world_n}={local_world_size} must be in [1, {world_n}={world_size}]")
+        if local_rank >= local_world_size:
+            raise ValueError(f"{source}: {local_n}={local_rank} must be < {local_world_n}={local_world_size}")
 
 
 def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -84,7 +94,9 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         _require(env, "torchrun", ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"])
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if env.get("LOCAL_RANK") else 0
-        _check_rank("torchrun", rank, world, local)
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if env.get("LOCAL_WORLD_SIZE") else None
+        _check_rank("torchrun", rank, world, local, local_world,
+                    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
         return LaunchEnv("torchrun", rank, world, local, env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
 
     mpi_rank = next((n for n in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") if env.get(n)), None)
@@ -101,14 +113,22 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         if env.get("SLURM_PROCID") and _int(env, "SLURM_PROCID") != rank:
             raise ValueError(f"contradictory environment: {mpi_rank}={rank} but SLURM_PROCID="
                              f"{env['SLURM_PROCID']}")
-        _check_rank("MPI", rank, world, max(local, 0))
+        local_world_name = next((n for n in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+                                 if env.get(n)), None)
+        local_world = _int(env, local_world_name) if local_world_name and local >= 0 else None
+        _check_rank("MPI", rank, world, max(local, 0), local_world,
+                    (mpi_rank, size_name, local_name or "local rank", local_world_name or "local world size"))
         port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else None
         return LaunchEnv("mpi", rank, world, local, env.get("MASTER_ADDR") or None, port)
 
     if env.get("SLURM_PROCID") is not None:
         _require(env, "SLURM", ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODELIST"])
         rank, world, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID")
-        _check_rank("SLURM", rank, world, local)
+        # SLURM_NTASKS_PER_NODE is "4" or "4(x2),2": only a plain count is a bound for every node
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+        local_world = _int(env, "SLURM_NTASKS_PER_NODE") if per_node.isdigit() else None
+        _check_rank("SLURM", rank, world, local, local_world,
+                    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"))
         addr = env.get("MASTER_ADDR") or expand_first_host(env["SLURM_NODELIST"])
         if env.get("MASTER_PORT"):
             port = _int(env, "MASTER_PORT")
@@ -150,17 +170,32 @@ def _resolve_mpi(launch: LaunchEnv) -> LaunchEnv:
     return LaunchEnv("mpi", launch.rank, launch.world_size, local, addr, port)
 
 
-def init_distributed(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT, *,
+def init_distributed(backend: str | None = None, timeout: timedelta | float | None = None, *,
                      env: Mapping[str, str] | None = None) -> dist.ProcessGroup:
     """Start (or adopt) the default process group and return it.
 
     backend: None picks nccl when CUDA is available, else gloo. A process with no launcher
     variables gets a one-rank group, so the same script runs with ``python script.py``.
+    timeout: the process group's timeout (a timedelta or seconds): a collective blocked that long
+    raises. None: 10 minutes, or, under ``heddle run --watchdog-timeout T``, max(2 T, T + 30 s)
+    with heddle's watchdog (:mod:`heddle.dist.watchdog`) started on every rank, which ends a
+    stalled job after T seconds and names the stalled rank.
     """
+    from heddle.dist.watchdog import env_timeout, start_watchdog
+
     if backend not in (None, "gloo", "nccl", "mpi"):
         raise ValueError(f"backend={backend!r}: valid choices are None (auto), 'gloo', 'nccl', 'mpi'")
     if dist.is_initialized():
         return dist.group.WORLD
+    watchdog_s = env_timeout() if env is None else None
+    if timeout is None:
+        timeout = (timedelta(seconds=max(2 * watchdog_s, watchdog_s + 30)) if watchdog_s else DEFAULT_TIMEOUT)
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if not timeout > 0:
+            raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
+        timeout = timedelta(seconds=timeout)
+    elif not isinstance(timeout, timedelta):
+        raise TypeError(f"timeout={timeout!r} must be a datetime.timedelta or a number of seconds")
     launch = detect_launch_env(env)
     if launch.source == "mpi":
         launch = _resolve_mpi(launch)
@@ -180,6 +215,8 @@ def init_distributed(backend: str | None = None, timeout: timedelta = DEFAULT_TI
                                 rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
     log.info("heddle: rank %d/%d (%s, %s)", launch.rank, launch.world_size, launch.source, backend)
+    if watchdog_s and launch.world_size > 1:
+        start_watchdog(watchdog_s)
     return dist.group.WORLD
 
 

@@ -16,6 +16,7 @@ A subcommand is one row of ``COMMANDS``: its name, a one-line help, and the modu
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from heddle.launch.options import LAUNCH_FLAGS, add_launch_options  # noqa: F401 (re-exported)
@@ -45,6 +46,14 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["run"]:
+        # The `heddle run` command: once the workers are gone, end at once. Finalizing an
+        # interpreter that imported torch takes seconds on a loaded machine, and the job's end
+        # is what a scheduler, a relaunch or the watchdog's timeout bound waits for.
+        code = _delegate("run", sys.argv[2:])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: heddle {" + ",".join(COMMANDS) + "} ...\n")

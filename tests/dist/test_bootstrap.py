@@ -62,3 +62,32 @@ def test_expand_first_host():
 def test_no_launcher_is_single_process():
     e = detect_launch_env({})
     assert (e.source, e.rank, e.world_size) == ("single", 0, 1)
+
+
+def test_local_rank_outside_local_world():
+    base = dict(RANK="1", WORLD_SIZE="4", MASTER_ADDR="a", MASTER_PORT="1")
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 must be < LOCAL_WORLD_SIZE=2"):
+        detect_launch_env(dict(base, LOCAL_RANK="2", LOCAL_WORLD_SIZE="2"))
+    with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE=8 must be in \[1, WORLD_SIZE=4\]"):
+        detect_launch_env(dict(base, LOCAL_RANK="0", LOCAL_WORLD_SIZE="8"))
+    with pytest.raises(ValueError, match="RANK=5 must be in"):
+        detect_launch_env(dict(base, RANK="5"))
+    with pytest.raises(ValueError, match="OMPI_COMM_WORLD_LOCAL_RANK=1 must be < OMPI_COMM_WORLD_LOCAL_SIZE=1"):
+        detect_launch_env(dict(OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK="1",
+                               OMPI_COMM_WORLD_LOCAL_SIZE="1"))
+    with pytest.raises(ValueError, match="SLURM_LOCALID=3 must be < SLURM_NTASKS_PER_NODE=2"):
+        detect_launch_env(dict(SLURM_PROCID="1", SLURM_NTASKS="4", SLURM_LOCALID="3", SLURM_NTASKS_PER_NODE="2",
+                               SLURM_NODELIST="n1", SLURM_JOB_ID="7"))
+    # consistent values pass; a heterogeneous SLURM_NTASKS_PER_NODE ("4(x2),2") is not a bound
+    assert detect_launch_env(dict(base, LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")).local_rank == 1
+    assert detect_launch_env(dict(SLURM_PROCID="1", SLURM_NTASKS="4", SLURM_LOCALID="3",
+                                  SLURM_NTASKS_PER_NODE="4(x1)", SLURM_NODELIST="n1", SLURM_JOB_ID="7")).local_rank == 3
+
+
+def test_init_distributed_timeout_argument():
+    from heddle.dist import init_distributed
+
+    with pytest.raises(ValueError, match="timeout=-1"):
+        init_distributed(timeout=-1, env={})
+    with pytest.raises(TypeError, match="timeout='x'"):
+        init_distributed(timeout="x", env={})
