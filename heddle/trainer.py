@@ -1,45 +1,70 @@
 """Trainer: wraps a model and an optimizer; the user keeps the training loop (Accelerate-style).
 
-    trainer = heddle.Trainer(model, optimizer, config=heddle.TrainerConfig(max_grad_norm=1.0))
+    trainer = heddle.Trainer(model, lambda params: torch.optim.AdamW(params, lr=3e-4),
+                             config=heddle.TrainerConfig(data_parallel="fsdp", max_grad_norm=1.0))
     for step in range(steps):
-        for micro in range(config.grad_accum_steps):
-            batch = trainer.prepare_batch({"tokens": x, "targets": y})
+        for batch in trainer.micro_batches({"tokens": x, "targets": y}):   # this rank's rows
             logits = trainer.model(batch["tokens"], position_ids=batch.get("position_ids"))
-            loss_sum = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum")
-            trainer.backward(loss_sum, num_tokens=batch["targets"].numel())
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                       ignore_index=-100, reduction="sum")
+            trainer.backward(loss_sum, num_tokens=(batch["targets"] != -100).sum())
         metrics = trainer.step()
 
-Loss scaling: ``backward(loss_sum, num_tokens=n)`` takes a per-rank *sum* of token losses; after
-the gradients are summed across every rank of ``group`` they are divided by the global token
-count, so the update is the gradient of the global token mean whatever the data / sequence /
-expert layout (per-rank means of uneven shards are a classic bug). Without ``num_tokens`` the loss
-is taken as a mean and weighted equally per rank and micro-batch, as plain DDP does.
+Order of construction (torchtitan's): layout (mesh) -> place the model on the local device ->
+feature plugins change the model in place -> data parallelism (DDP, FSDP2 / HSDP over the mesh)
+-> the optimizer is built from the (sharded) parameters when ``optimizer`` is a factory -> the LR
+scheduler from the optimizer.
 
-Features plug in through config sections (see :mod:`heddle.plugins.base`).
+Loss scaling: ``backward(loss_sum, num_tokens=n)`` takes a per-rank *sum* of token losses; after
+the gradients are summed across every rank they are divided by the global token count, so the
+update is the gradient of the global token mean whatever the data / sequence / expert layout
+(per-rank means of uneven shards are a classic bug). Without ``num_tokens`` the loss is taken as
+a mean and weighted equally per rank and micro-batch, as plain DDP does.
+
+Non-finite values: every rank ORs (loss not finite, its gradients not finite, any
+``plugin.local_nonfinite``) into a flag carried by the step's one [loss, tokens] all-reduce; a
+flagged step is skipped on every rank alike (``on_nonfinite="skip"``: no parameter, optimizer,
+scheduler or plugin state changes; counted in ``metrics["skipped_steps"]``) or raises
+``FloatingPointError`` on every rank (``"raise"``). Under fp16, non-finite gradients with a finite
+loss are a loss-scale overflow: the step is skipped and the scale halves.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import heddle.dist as hd
 from heddle.dist import CommLedger, is_sharded
+from heddle.dist.mesh import DATA_PARALLEL, Layout, ParallelDims, build_layout
 from heddle.plugins import SECTIONS, TrainerPlugin
+from heddle.trainer_report import ProgressReporter
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainerConfig:
     grad_accum_steps: int = 1
     max_grad_norm: float | None = None
-    data_parallel: bool = True        # sum gradients across the group with DDP
+    data_parallel: str = "ddp"        # "ddp" | "fsdp" | "hsdp" | "none" (see heddle.dist.mesh)
+    dp_shard: int | None = None       # hsdp: ranks sharding one replica (x sp); None: from dp_replicate / node
+    dp_replicate: int | None = None   # hsdp: replicas
+    precision: str = "fp32"           # "fp32" | "bf16" | "fp16"
+    reshard_after_forward: bool = True  # FSDP2: free gathered block parameters after forward
+    on_nonfinite: str = "skip"        # "skip" | "raise"
+    loss_scale: float = 2.0 ** 16     # fp16: initial loss scale
+    loss_scale_growth_interval: int = 2000  # fp16: double the scale after this many good steps
+    collective_timeout_s: float | None = None  # end the process when a collective blocks this long
+    place_model: bool = True          # move the model to heddle.dist.device() (and batches in prepare_batch)
+    log_dir: str | None = None        # rank 0 writes metrics there (heddle.loggers.build_logger)
     bucket_cap_mb: float = 25.0
     find_unused_parameters: bool = False
     total_steps: int | None = None    # for the progress bar
@@ -53,12 +78,37 @@ class TrainerConfig:
     checkpoint: Any = None
 
     def __post_init__(self):
-        if self.grad_accum_steps < 1:
+        if self.data_parallel is True or self.data_parallel is False:  # the old bool spelling
+            self.data_parallel = "ddp" if self.data_parallel else "none"
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"data_parallel={self.data_parallel!r}; valid: {', '.join(map(repr, DATA_PARALLEL))}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; valid: {', '.join(map(repr, PRECISIONS))}")
+        if self.on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r}; valid: 'skip', 'raise'")
+        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive or None")
         if self.bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb} must be positive")
+        if not self.loss_scale > 0 or self.loss_scale_growth_interval < 1:
+            raise ValueError(f"loss_scale={self.loss_scale} must be > 0 and loss_scale_growth_interval="
+                             f"{self.loss_scale_growth_interval} >= 1")
+        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s={self.collective_timeout_s} must be positive or None")
+
+    @classmethod
+    def from_file(cls, path: str, overrides: dict | None = None) -> "TrainerConfig":
+        """Read a .toml / .yaml / .json file (heddle.config.load_config)."""
+        from heddle.config import load_config
+
+        return load_config(path, overrides)
+
+    def to_file(self, path: str) -> None:
+        from heddle.config import save_config
+
+        save_config(self, path)
 
 
 def _build_plugin(section: str, value: Any, plugin_cls: type[TrainerPlugin] | None = None) -> TrainerPlugin:
@@ -67,7 +117,7 @@ def _build_plugin(section: str, value: Any, plugin_cls: type[TrainerPlugin] | No
     if value is True:
         value = config_cls()
     elif isinstance(value, dict):
-        valid = {f.name for f in fields(config_cls)}
+        valid = {f for f in config_cls.__dataclass_fields__}
         unknown = sorted(set(value) - valid)
         if unknown:
             raise ValueError(f"TrainerConfig.{section}: unknown option(s) {unknown}; valid: {sorted(valid)}")
@@ -84,36 +134,126 @@ def _sum_hook(group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+class _Autocast(nn.Module):
+    """DDP / no-wrapper mixed precision: the forward runs under ``torch.autocast``."""
+
+    def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.device_type, self.dtype = inner, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.inner(*args, **kwargs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # DTensor -> this rank's shard
+
+
 class Trainer:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 config: TrainerConfig | None = None, *, group: dist.ProcessGroup | None = None):
-        self.config = config or TrainerConfig()
+    """Declared fields: ``model`` (what to call forward on), ``module`` (the user's model,
+    parallelized in place), ``optimizer``, ``lr_scheduler``, ``layout`` (:class:`heddle.dist.mesh.Layout`),
+    ``checkpointer`` (None or the :class:`heddle.checkpoint.Checkpointer`), ``ddp`` (None or the
+    DDP wrapper), ``plugins``, ``step_count``, ``skipped_steps``, ``loss_scale``."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer],
+                 config: TrainerConfig | None = None, *, group: dist.ProcessGroup | None = None,
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
+        self.config = cfg = config or TrainerConfig()
         if not dist.is_initialized():
             hd.init_distributed()
         self.group = group
         self.rank, self.world_size = hd.group_rank_size(group)
+        self.device = hd.device()
+        self.watchdog = None
+        if cfg.collective_timeout_s is not None:
+            from heddle.dist.watchdog import start_watchdog
+
+            self.watchdog = start_watchdog(cfg.collective_timeout_s, group=group)
+        self.plugins: list[TrainerPlugin] = [_build_plugin(name, getattr(cfg, name)) for name in SECTIONS
+                                             if getattr(cfg, name) not in (None, False)]
+        self._by_name = {p.name: p for p in self.plugins}
+        sp = self._by_name["sequence_parallel"].config.sp_size if "sequence_parallel" in self._by_name else 1
+        dims = ParallelDims.build(cfg.data_parallel, self.world_size, sp=sp, dp_shard=cfg.dp_shard,
+                                  dp_replicate=cfg.dp_replicate)
+        self.layout: Layout = build_layout(dims, cfg.data_parallel, group=group, device_type=self.device.type)
         self.module = model
-        self.optimizer = optimizer
+        if cfg.place_model:
+            model.to(self.device)
         self.stateful: dict[str, Any] = {}   # extra objects with state_dict() to checkpoint
-        self.plugins: list[TrainerPlugin] = [
-            _build_plugin(name, getattr(self.config, name)) for name in SECTIONS
-            if getattr(self.config, name) not in (None, False)]
+        self.checkpointer = None
+        owners = [p.name for p in self.plugins if p.replaces_ddp]
+        if owners and cfg.data_parallel in ("fsdp", "hsdp"):
+            raise ValueError(f"{owners} with data_parallel={cfg.data_parallel!r}: ranks run different numbers of "
+                             f"micro-batches per step, but FSDP2 all-gathers the parameters collectively in every "
+                             f"forward; use data_parallel='ddp' (gradients summed once per step)")
         for plugin in self.plugins:
             plugin.setup(self)
+            if plugin.checkpointer is not None:
+                self.checkpointer = plugin.checkpointer
+        if cfg.place_model:
+            model.to(self.device)  # what the plugins added
+        self._check_optimizer(optimizer)
+        dtype = PRECISIONS[cfg.precision]
         self.ddp: DistributedDataParallel | None = None
-        owners = [p.name for p in self.plugins if p.replaces_ddp]
-        if self.world_size > 1 and self.config.data_parallel and not owners:
-            self.ddp = self._wrap_ddp()
-        self.model = self.ddp if self.ddp is not None else self.module
+        self.fsdp_modules: list = []
+        self._manual_sync = False
+        parallel = self.world_size > 1 or cfg.data_parallel in ("fsdp", "hsdp")
+        if cfg.data_parallel in ("fsdp", "hsdp") and parallel:
+            from heddle.dist.fsdp import apply_fsdp
+
+            self.fsdp_modules = apply_fsdp(model, self.layout.fsdp_mesh, param_dtype=dtype,
+                                           reduce_dtype=torch.float32 if dtype is not None else None,
+                                           reshard_after_forward=cfg.reshard_after_forward)
+            hooked = [p.name for p in self.plugins if p.configure_fsdp(self, self.fsdp_modules)]
+            if len(hooked) > 1:
+                raise ValueError(f"plugins {hooked} each registered a custom reduce-scatter; only one can")
+        elif cfg.data_parallel == "ddp" and self.world_size > 1:
+            if owners:
+                self._manual_sync = True  # the Trainer sums the gradients once per step
+            else:
+                self.ddp = self._wrap_ddp()
+        self.model: nn.Module = self.ddp if self.ddp is not None else self.module
+        if dtype is not None and not self.fsdp_modules:
+            self.model = _Autocast(self.model, self.device.type, dtype)
+        self.optimizer = optimizer(list(p for p in model.parameters() if p.requires_grad)) \
+            if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory returned {type(self.optimizer).__name__}, not a torch.optim.Optimizer")
+        self.lr_scheduler = lr_scheduler(self.optimizer) if lr_scheduler is not None else None
+        self.loss_scale = float(cfg.loss_scale) if cfg.precision == "fp16" else 1.0
+        self._good_steps = 0
         self.step_count = 0
+        self.skipped_steps = 0
         self._micro = 0
         self._loss_sum = 0.0
         self._tokens = 0
         self._mean_losses: bool | None = None
-        self._progress = None
+        self._variable_micro = any(p.variable_micro_batches for p in self.plugins)
+        self.logger = None
+        if self.rank == 0 and cfg.log_dir is not None:
+            from heddle.loggers import build_logger
+
+            self.logger = build_logger(cfg.log_dir)
+        self._reporter = ProgressReporter(cfg) if self.rank == 0 else None
         self._open_step()
 
     # -- setup -----------------------------------------------------------------------------
+    def _check_optimizer(self, optimizer) -> None:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if self.config.data_parallel in ("fsdp", "hsdp"):
+                raise ValueError(f"data_parallel={self.config.data_parallel!r} replaces the parameters by sharded "
+                                 f"ones: pass the optimizer as a factory, e.g. "
+                                 f"optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4)")
+            present = {id(p) for p in self.module.parameters()}
+            stale = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in present)
+            if stale:
+                raise ValueError(f"the optimizer holds {stale} parameter(s) the model no longer has (a section such "
+                                 f"as moe replaced modules): pass the optimizer as a factory, "
+                                 f"optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4)")
+        elif not callable(optimizer):
+            raise TypeError(f"optimizer={optimizer!r}: expected a torch.optim.Optimizer or a factory params -> optimizer")
+
     def _wrap_ddp(self) -> DistributedDataParallel:
         sharded = [n for n, p in self.module.named_parameters() if is_sharded(p)]
         if sharded:
@@ -134,6 +274,12 @@ class Trainer:
         self._ledger.__enter__()
         self._step_start = time.perf_counter()
 
+    def plugin(self, name: str) -> TrainerPlugin:
+        """The plugin of a config section that is on (e.g. ``trainer.plugin("moe").layers``)."""
+        if name not in self._by_name:
+            raise KeyError(f"section {name!r} is not on; on: {sorted(self._by_name)}")
+        return self._by_name[name]
+
     # -- the loop --------------------------------------------------------------------------
     def track(self, name: str, obj: Any) -> Any:
         """Register an object with ``state_dict()``/``load_state_dict()`` (a sampler, a scheduler)
@@ -143,23 +289,58 @@ class Trainer:
         self.stateful[name] = obj
         return obj
 
+    def _to_device(self, batch: dict) -> dict:
+        if not self.config.place_model:
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
     def prepare_batch(self, batch: dict) -> dict:
+        """One micro-batch of this rank's rows -> what it feeds the model (tensors on the device,
+        then each section's transform, e.g. the sequence shard)."""
+        batch = self._to_device(batch)
         for plugin in self.plugins:
             batch = plugin.prepare_batch(self, batch)
         return batch
 
+    def micro_batches(self, batch: dict) -> Iterator[dict]:
+        """This rank's step batch -> its prepared micro-batches: ``grad_accum_steps`` slices along
+        dim 0 of every tensor of 2+ dims (1-D tensors such as ``cu_seqlens`` go to each), or what a
+        section plans (adaptive SP: ``{"documents": [...]}`` -> this rank's share of the plan)."""
+        for plugin in self.plugins:
+            planned = plugin.split_batch(self, self._to_device(batch))
+            if planned is not None:
+                yield from planned
+                return
+        n = self.config.grad_accum_steps
+        split = {k: v.chunk(n) if isinstance(v, torch.Tensor) and v.dim() >= 2 else None for k, v in batch.items()}
+        sizes = {len(v) for v in split.values() if v is not None}
+        if sizes and sizes != {n}:
+            raise ValueError(f"micro_batches: rows {[tuple(v.shape) for v in batch.values() if isinstance(v, torch.Tensor)]}"
+                             f" do not split into grad_accum_steps={n} parts")
+        for i in range(n):
+            yield self.prepare_batch({k: (split[k][i] if split[k] is not None else v) for k, v in batch.items()})
+
     def backward(self, loss: torch.Tensor, num_tokens: int | torch.Tensor | None = None) -> None:
         """Backpropagate one micro-batch. ``loss``: sum of token losses on this rank when
-        ``num_tokens`` is given (the scaling to the global token mean happens in :meth:`step`)."""
+        ``num_tokens`` is given (the scaling to the global token mean happens in :meth:`step`).
+        Sections may add to it (moe: ``aux_loss_weight`` x tokens x the layers' aux loss)."""
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         self._check_micro(num_tokens)
-        loss.backward()
+        for plugin in self.plugins:
+            extra = plugin.auxiliary_loss(self, num_tokens)
+            if extra is not None:
+                loss = loss + extra
+        last = self._micro == self.config.grad_accum_steps - 1 or self._variable_micro
+        for module in self.fsdp_modules:  # reduce-scatter only after the last micro-batch
+            module.set_requires_gradient_sync(last, recurse=False)
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         self.record_micro_batch(float(loss.detach()), num_tokens)
 
     def record_micro_batch(self, loss: float, num_tokens: int | torch.Tensor | None = None) -> None:
-        """Account for a micro-batch whose backward already ran elsewhere (a plugin's executor):
-        same bookkeeping as :meth:`backward` without calling ``loss.backward()``."""
+        """Account for a micro-batch whose backward already ran elsewhere: same bookkeeping as
+        :meth:`backward` without calling ``loss.backward()``."""
         self._check_micro(num_tokens)
         mean = num_tokens is None
         self._mean_losses = mean
@@ -173,20 +354,32 @@ class Trainer:
         mean = num_tokens is None
         if self._mean_losses is not None and self._mean_losses != mean:
             raise ValueError("backward(): pass num_tokens for every micro-batch of a step or for none")
-        if self._micro >= self.config.grad_accum_steps:
+        if self._micro >= self.config.grad_accum_steps and not self._variable_micro:
             raise ValueError(f"backward() called {self._micro + 1} times before step(); "
                              f"grad_accum_steps={self.config.grad_accum_steps}")
 
-    def _all_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.module.parameters() if p.grad is not None]
+    def _grads(self, kind: str | None = None) -> list[torch.Tensor]:
+        """Gradients (``kind``: "fsdp" DTensor shards, "sharded" heddle-sharded, "replicated")."""
+        out = []
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            k = "fsdp" if hasattr(p, "to_local") else "sharded" if is_sharded(p) else "replicated"
+            if kind is None or k == kind:
+                out.append(p.grad)
+        return out
 
-    def _sq_norm(self, *, sharded: bool) -> torch.Tensor:
-        """Squared L2 norm (fp64, 0-dim, on the CPU) of this rank's sharded or replicated gradients;
-        one host sync, not one per parameter."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None and is_sharded(p) == sharded]
+    @staticmethod
+    def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
+        """Squared L2 norm (fp64, 0-dim, on the CPU) of local tensors; one host sync."""
         if not grads:
             return torch.zeros((), dtype=torch.float64)
-        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum().cpu()
+        return torch.stack([torch.linalg.vector_norm(_local(g), dtype=torch.float64) for g in grads]).square().sum().cpu()
+
+    def _sharded_sq(self) -> torch.Tensor:
+        """This rank's share of the squared norm of the gradients that differ between ranks: summed
+        over all ranks it counts FSDP shards once per replica group and heddle-sharded ones once."""
+        return self._sq(self._grads("fsdp")) / self.layout.dims.dp_replicate + self._sq(self._grads("sharded"))
 
     def clip_grad_norm_(self, max_norm: float, *, sharded_sq: float | None = None) -> float:
         """Clip by the global norm, counting every parameter exactly once: replicated gradients
@@ -195,51 +388,95 @@ class Trainer:
         sharded_sq: the sharded gradients' squared norm already summed over the group
         (:meth:`step` folds it into its token-count all-reduce); None: one all-reduce here."""
         if sharded_sq is None:
-            total = self._sq_norm(sharded=True).reshape(1)
+            total = self._sharded_sq().reshape(1)
             if self.world_size > 1:
                 hd.all_reduce(total, group=self.group)
             sharded_sq = float(total)
-        norm = math.sqrt(float(self._sq_norm(sharded=False)) + sharded_sq)
+        norm = math.sqrt(float(self._sq(self._grads("replicated"))) + sharded_sq)
         if norm > max_norm:
             scale = max_norm / (norm + 1e-6)
-            for g in self._all_grads():
-                g.mul_(scale)
+            for g in self._grads():
+                _local(g).mul_(scale)
         return norm
+
+    def _sum_gradients(self) -> None:
+        """No DDP / FSDP wrapper (a section runs its own micro-batches): sum the replicated
+        gradients over the group once, by exactly one owner (a section, e.g. compression, or the
+        Trainer's flat all-reduce). Ranks that trained nothing contribute zeros."""
+        params = [p for p in self.module.parameters() if p.requires_grad and not is_sharded(p)]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        synced = [plugin.name for plugin in self.plugins if plugin.reduce_gradients(self)]
+        if len(synced) > 1:
+            raise RuntimeError(f"plugins {synced} each summed the gradients; only one may")
+        if not synced and params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            hd.all_reduce(flat, group=self.group)
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+
+    def _local_nonfinite(self) -> tuple[bool, bool]:
+        loss_bad = not math.isfinite(self._loss_sum)
+        grads = self._grads()
+        grads_bad = bool(grads) and not bool(torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all())
+        return loss_bad, grads_bad or any(p.local_nonfinite(self) for p in self.plugins)
 
     def step(self) -> dict[str, float]:
         """Synchronise, scale, clip and apply the gradients of the accumulated micro-batches."""
-        if self._micro != self.config.grad_accum_steps:
+        if self._micro != self.config.grad_accum_steps and not self._variable_micro:
             raise ValueError(f"step() after {self._micro} backward() calls; grad_accum_steps="
                              f"{self.config.grad_accum_steps}")
-        synced = [plugin.name for plugin in self.plugins if plugin.reduce_gradients(self)]
-        owners = [plugin.name for plugin in self.plugins if plugin.replaces_ddp]
-        if owners and not synced and self.world_size > 1 and self.config.data_parallel:
-            raise RuntimeError(f"plugins {owners} replace DDP but none summed the gradients in reduce_gradients")
+        if self._manual_sync:
+            self._sum_gradients()
         clip = self.config.max_grad_norm
-        # One all-reduce for the step's loss, token count and (when clipping) the sharded
-        # gradients' squared norm, taken before the 1/tokens scaling and rescaled below.
-        parts = [torch.tensor(self._loss_sum, dtype=torch.float64), torch.tensor(float(self._tokens), dtype=torch.float64)]
+        loss_bad, grads_bad = self._local_nonfinite()
+        # One all-reduce for the step's loss, token count, the non-finite flags and (when clipping)
+        # the sharded gradients' squared norm, taken before the 1/tokens scaling and rescaled below.
+        parts = [self._loss_sum, float(self._tokens), float(loss_bad), float(grads_bad)]
+        totals = torch.tensor(parts, dtype=torch.float64)
         if clip:
-            parts.append(self._sq_norm(sharded=True))
-        totals = torch.stack(parts)
+            totals = torch.cat([totals, self._sharded_sq().reshape(1)])
         if self.world_size > 1:
             hd.all_reduce(totals, group=self.group)
         loss_total, tokens = float(totals[0]), float(totals[1])
         if tokens <= 0:
             raise ValueError("step(): the global batch has no tokens (num_tokens summed to 0)")
-        # Sum over ranks of d(loss_sum) -> d(global token mean); mean losses: mean over ranks x micro.
-        scale = 1.0 / tokens
-        for g in self._all_grads():
-            g.mul_(scale)
-        grad_norm = (self.clip_grad_norm_(clip, sharded_sq=float(totals[2]) * scale * scale) if clip
-                     else float("nan"))
-        for plugin in self.plugins:
-            plugin.before_optimizer_step(self)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
-        for plugin in self.plugins:
-            plugin.after_optimizer_step(self)
+        skip = bool(totals[2] > 0 or totals[3] > 0)
+        if skip and self.config.on_nonfinite == "raise" and (totals[2] > 0 or self.config.precision != "fp16"):
+            raise FloatingPointError(f"step {self.step_count + 1}: non-finite {'loss' if totals[2] > 0 else 'gradients'}"
+                                     f" on {int(totals[2] + totals[3])} rank report(s) (on_nonfinite='raise')")
+        grad_norm = float("nan")
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._good_steps = 0
+            if self.config.precision == "fp16":
+                self.loss_scale /= 2.0
+            for plugin in self.plugins:
+                plugin.on_skipped_step(self)
+        else:
+            # Sum over ranks of d(loss_sum) -> d(global token mean); mean losses: mean over ranks x micro.
+            local_tokens = self._tokens if self.config.data_parallel == "none" else tokens
+            scale = 1.0 / (local_tokens * self.loss_scale)
+            for g in self._grads():
+                _local(g).mul_(scale)
+            if clip:
+                grad_norm = self.clip_grad_norm_(clip, sharded_sq=float(totals[4]) * scale * scale)
+            for plugin in self.plugins:
+                plugin.before_optimizer_step(self)
+            self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
+            self._good_steps += 1
+            if self.config.precision == "fp16" and self._good_steps % self.config.loss_scale_growth_interval == 0:
+                self.loss_scale *= 2.0
+            for plugin in self.plugins:
+                plugin.after_optimizer_step(self)
         elapsed = time.perf_counter() - self._step_start
         self._ledger.__exit__(None, None, None)
         metrics = {
@@ -251,41 +488,43 @@ class Trainer:
             "grad_norm": grad_norm,
             "bytes_sent": float(self._ledger.bytes_sent()),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "skipped": float(skip),
+            "skipped_steps": float(self.skipped_steps),
         }
+        if self.config.precision == "fp16":
+            metrics["loss_scale"] = self.loss_scale
         for plugin in self.plugins:
             metrics.update(plugin.metrics(self))
         self._micro, self._loss_sum, self._tokens, self._mean_losses = 0, 0.0, 0, None
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = self.config.grad_accum_steps == 1
-        self._report(metrics)
+        if self._reporter is not None:
+            self._reporter.report(self.step_count, metrics)
+        if self.logger is not None:
+            self.logger.log(self.step_count, {k: float(v) for k, v in metrics.items() if k != "step"})
         self._open_step()
         return metrics
 
-    # -- reporting and state ---------------------------------------------------------------
-    def _report(self, m: dict[str, float]) -> None:
-        if self.rank != 0 or not self.config.progress:
-            return
-        line = f"loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s  {m['bytes_sent'] / 1e6:.2f} MB sent"
-        if sys.stdout.isatty() and self.config.total_steps:
-            if self._progress is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                          TextColumn("{task.description}"), TimeRemainingColumn())
-                self._progress.start()
-                self._task = self._progress.add_task("", total=self.config.total_steps)
-            self._progress.update(self._task, completed=self.step_count, description=line)
-            if self.step_count >= self.config.total_steps:
-                self._progress.stop()
-        elif self.step_count % self.config.log_every == 0 or self.step_count == 1:
-            total = f"/{self.config.total_steps}" if self.config.total_steps else ""
-            print(f"step {self.step_count}{total}  {line}", flush=True)
+    # -- state -----------------------------------------------------------------------------
+    def resume(self, step: int | None = None) -> int | None:
+        """Load the newest valid checkpoint (or ``step``) in place, collectively; its step or None."""
+        if self.checkpointer is None:
+            raise ValueError("resume() needs the checkpoint section: TrainerConfig(checkpoint={'directory': ...})")
+        return self.plugin("checkpoint").resume(self, step=step)
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "plugins": {p.name: p.state_dict() for p in self.plugins}}
+        return {"step": self.step_count, "skipped_steps": self.skipped_steps, "loss_scale": self.loss_scale,
+                "good_steps": self._good_steps,
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                "plugins": {p.name: p.state_dict() for p in self.plugins}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.loss_scale = float(state.get("loss_scale", self.loss_scale))
+        self._good_steps = int(state.get("good_steps", 0))
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         for plugin in self.plugins:
             if plugin.name in state.get("plugins", {}):
                 plugin.load_state_dict(state["plugins"][plugin.name])
@@ -293,9 +532,14 @@ class Trainer:
     def close(self) -> None:
         for plugin in self.plugins:
             plugin.close()
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._reporter is not None:
+            self._reporter.close()
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
         try:
             self._ledger.__exit__(None, None, None)
         except ValueError:

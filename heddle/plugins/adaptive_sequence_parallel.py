@@ -2,21 +2,24 @@
 planned per step in the background (:mod:`heddle.sequence.adaptive`).
 
     trainer = heddle.Trainer(model, opt, heddle.TrainerConfig(adaptive_sequence_parallel={"cost_model": "calibrate"}))
-    asp = trainer.adaptive_sp
-    asp.submit(lengths_of_step_0)
     for step in ...:
-        plan = asp.next_plan()                  # collective: identical on every rank
-        asp.submit(lengths_of_next_step)        # planned while this step trains
-        asp.run(trainer, plan, documents)       # forward+backward of this rank's share
+        step_batch = {"documents": docs, "next_lengths": lengths_of_the_next_step}   # same on every rank
+        for batch in trainer.micro_batches(step_batch):   # this rank's share of the step's plan
+            logits = trainer.model(batch["tokens"], position_ids=batch["position_ids"],
+                                   cu_seqlens=batch["cu_seqlens"])
+            trainer.backward(loss_sum(logits, batch["targets"]), num_tokens=(batch["targets"] != -100).sum())
         trainer.step()
 
 setup: builds the subgroup cache (collective, once), swaps the model's core attention for
-Ulysses, loads / calibrates the cost model, starts the background planner, and turns the
-Trainer builds no DDP (``replaces_ddp``: ranks run different numbers of micro-batches, which DDP
-cannot follow; this plugin sums the gradients over all ranks itself in ``reduce_gradients``).
-``run`` backpropagates each micro-batch and reports the step's loss sum and token count with
-``trainer.record_micro_batch``, so the Trainer divides by the global token
-count like every other section: the update is the gradient of the global token mean.
+Ulysses, loads / calibrates the cost model and starts the background planner.
+``split_batch`` takes the plan of the step's documents (submitted a step ahead through
+``next_lengths``, else planned now), submits the next one so it is planned while this step
+trains, and yields this rank's micro-batches, pointing the Ulysses modules at each one's cached
+subgroup right before it is yielded. Ranks run different numbers of micro-batches, which DDP and
+FSDP2 cannot follow (their collectives run per forward / backward), so the Trainer builds no
+wrapper (``replaces_ddp``) and sums the gradients over all ranks once per step; it then divides by
+the global token count like every other section: the update is the gradient of the global token
+mean, whatever the plan.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class Config:
 class Plugin(TrainerPlugin):
     name = "adaptive_sequence_parallel"
     Config = Config
-    replaces_ddp = True  # ranks run different numbers of micro-batches: gradients summed in reduce_gradients
+    replaces_ddp = True  # ranks run different numbers of micro-batches: the Trainer sums once per step
+    variable_micro_batches = True
 
     def setup(self, trainer) -> None:
         from heddle.sequence.adaptive import CostModel
@@ -80,28 +84,58 @@ class Plugin(TrainerPlugin):
                                          max_tokens_per_device=cfg.max_tokens_per_device, degrees=degrees,
                                          time_limit=cfg.time_limit, solver=cfg.solver, mode=cfg.planner)
         self.last: dict[str, float] = {}
-        trainer.adaptive_sp = self
+        self.pending = False
+        self.plan = None  # the plan of the step in progress (or the last one)
 
     def submit(self, lengths) -> None:
         self.planner.submit(lengths)
+        self.pending = True
 
     def next_plan(self):
         start = time.perf_counter()
         plan = self.planner.result()
+        self.pending = False
+        self.plan = plan
         self.last = {"plan_wait_s": time.perf_counter() - start, "predicted_s": plan.predicted_time,
                      "lanes": float(len(plan.lanes())), "solve_s": plan.solve_time}
         return plan
 
-    def run(self, trainer, plan, documents) -> None:
-        """This rank's share of ``plan`` (documents: 1-D token tensors of length+1)."""
-        start = time.perf_counter()
-        loss_sum, tokens = self.executor.run(plan, documents)
-        self.last["compute_s"] = time.perf_counter() - start
-        trainer.record_micro_batch(float(loss_sum), num_tokens=tokens)
+    def split_batch(self, trainer, batch: dict):
+        if "documents" not in batch:
+            raise ValueError(f"adaptive_sequence_parallel: the step batch needs 'documents' (1-D token tensors of "
+                             f"length + 1); got keys {sorted(batch)}")
+        documents = list(batch["documents"])
+        lengths = [len(d) - 1 for d in documents]
+        if not self.pending:
+            self.submit(lengths)
+        plan = self.next_plan()
+        if list(plan.lengths) != lengths:
+            raise ValueError(f"the plan in flight is for lengths {list(plan.lengths)[:8]}..., but the step's documents "
+                             f"have {lengths[:8]}...: pass next_lengths of the documents of the following step")
+        if batch.get("next_lengths") is not None:
+            self.submit(batch["next_lengths"])  # planned while this step trains
+        return self._micro_batches(trainer, plan, documents)
 
-    def reduce_gradients(self, trainer) -> bool:
-        self.executor.reduce_gradients()
-        return True
+    def _micro_batches(self, trainer, plan, documents):
+        from heddle.sequence import local_position_ids, shard_sequence
+        from heddle.sequence.adaptive.executor import pack_documents
+
+        ex, rank, start = self.executor, trainer.rank, time.perf_counter()
+        for mb in plan.micro_batches:
+            mine = mb.group_of(rank)
+            if mine is None:
+                continue  # this rank idles through the micro-batch
+            ranks, idx = mine
+            sub = ex.pool.get(ranks[0], len(ranks))
+            ex.handle.set_group(sub)
+            for unit in ([idx] if ex.pack else [[k] for k in idx]):
+                inputs, targets, cu = pack_documents([documents[k] for k in unit])
+                x, shard = shard_sequence(inputs[None], sub, dim=1)
+                y, _ = shard_sequence(targets[None], sub, dim=1, pad_value=-100)
+                pos = local_position_ids(cu, shard.length, sub)[None]
+                yield {"tokens": x.to(trainer.device), "targets": y.to(trainer.device),
+                       "position_ids": pos.to(trainer.device), "cu_seqlens": cu.to(trainer.device)}
+        self.last["compute_s"] = time.perf_counter() - start
 
     def metrics(self, trainer) -> dict[str, float]:
         return {f"asp_{k}": v for k, v in self.last.items()}

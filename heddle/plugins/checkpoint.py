@@ -3,16 +3,19 @@
     config = heddle.TrainerConfig(checkpoint={"directory": "ckpts", "every": 1, "keep": 3})
     trainer = heddle.Trainer(model, optimizer, config=config)
     trainer.track("sampler", sampler)
-    start = trainer.resume_from_checkpoint()     # newest valid step or None; loads in place
+    start = trainer.resume()                     # newest valid step or None; loads in place
+    trainer.checkpointer                         # the Checkpointer (None without this section)
 
-What is saved: ``trainer.module``, ``trainer.optimizer``, the Trainer itself (its step and every
-other plugin's state, e.g. compression error buffers), everything in ``trainer.stateful`` and the
-RNG states. A save starts in ``after_optimizer_step``; the lazy wait for the background copy
+What is saved: ``trainer.module``, ``trainer.optimizer``, the Trainer itself (its step, loss
+scale, LR scheduler and every other plugin's state, e.g. compression error buffers), everything
+in ``trainer.stateful`` and the RNG states. Under FSDP2 the model and optimizer state are
+DTensors: the Checkpointer saves each rank's shards and reshards on restore. A save starts in ``after_optimizer_step``; the lazy wait for the background copy
 happens in ``before_optimizer_step`` (the next step is the first thing that changes the tensors).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from heddle.checkpoint import Checkpointer
@@ -42,31 +45,37 @@ class Plugin(TrainerPlugin):
 
     def setup(self, trainer) -> None:
         c = self.config
-        self.ckpt = Checkpointer(c.directory, group=trainer.group, keep=c.keep, levels=tuple(c.levels),
-                                 redundancy=c.redundancy, flush=c.flush, num_slots=c.num_slots)
+        self.checkpointer = Checkpointer(c.directory, group=trainer.group, keep=c.keep, levels=tuple(c.levels),
+                                         redundancy=c.redundancy, flush=c.flush, num_slots=c.num_slots)
         self.saves = 0
-        trainer.checkpointer = self.ckpt
-        trainer.resume_from_checkpoint = lambda step=None: self.resume(trainer, step=step)
+        self.stall_s = 0.0   # this step's time blocked on checkpointing (lazy wait + save call)
 
     def state(self, trainer) -> dict:
         return {"model": trainer.module, "optimizer": trainer.optimizer, "trainer": trainer, **trainer.stateful}
 
     def resume(self, trainer, *, step: int | None = None) -> int | None:
         """Load the newest valid checkpoint (collective); returns its step or None."""
-        return self.ckpt.restore(self.state(trainer), step=step)
+        return self.checkpointer.restore(self.state(trainer), step=step)
 
     def before_optimizer_step(self, trainer) -> None:
-        self.ckpt.wait_for_snapshot()
+        start = time.perf_counter()
+        self.checkpointer.wait_for_snapshot()
+        self.stall_s = time.perf_counter() - start
 
     def after_optimizer_step(self, trainer) -> None:
         if trainer.step_count % self.config.every == 0:
-            self.ckpt.save(trainer.step_count, self.state(trainer))
+            start = time.perf_counter()
+            self.checkpointer.save(trainer.step_count, self.state(trainer))
+            self.stall_s += time.perf_counter() - start
             self.saves += 1
 
+    def on_skipped_step(self, trainer) -> None:
+        self.stall_s = 0.0
+
     def metrics(self, trainer) -> dict[str, float]:
-        return {"checkpoints_saved": float(self.saves)}
+        return {"checkpoints_saved": float(self.saves), "checkpoint_stall_s": self.stall_s}
 
     def close(self) -> None:
         # a clean finish stops the keeper (its memory snapshots are on disk too); a crashed
         # worker never gets here, so the keeper survives it for the restart
-        self.ckpt.close(shutdown_keeper_process=True)
+        self.checkpointer.close(shutdown_keeper_process=True)

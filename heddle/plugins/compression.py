@@ -4,7 +4,13 @@
 
 With DDP (world > 1) the plugin registers ``GradientCompression.hook`` with ``reduction="sum"``
 (the Trainer's contract: gradients hold the sum over ranks; it divides by the global token count
-afterwards). Without DDP it syncs the replicated gradients with ``comp.all_reduce``.
+afterwards). Under FSDP2 / HSDP it replaces every FSDP module's reduce-scatter
+(``GradientCompression.attach_fsdp``): each rank keeps the error feedback of what it sends.
+Without a wrapper (adaptive SP) it is the one owner of the gradient sum (``comp.all_reduce``).
+
+Steps are staged by the compressor: ``commit_step`` after the optimizer step, ``discard_step``
+when the Trainer skips the step on every rank (a non-finite value anywhere, ``local_nonfinite``
+reports this rank's).
 """
 
 from __future__ import annotations
@@ -84,13 +90,25 @@ class Plugin(TrainerPlugin):
         ddp.register_comm_hook(self.comp, self.comp.hook)
         return True
 
+    def configure_fsdp(self, trainer, fsdp_modules) -> bool:
+        self.comp.attach_fsdp(fsdp_modules[-1])
+        return True
+
     def reduce_gradients(self, trainer) -> bool:
-        if trainer.ddp is not None or trainer.world_size == 1 or not trainer.config.data_parallel:
-            return False
+        # called only when no DDP / FSDP wrapper syncs (the Trainer's manual sum, world > 1)
         named = [(n, p.grad) for n, p in trainer.module.named_parameters()
                  if p.grad is not None and not is_sharded(p)]
         self.comp.all_reduce([g for _, g in named], names=[n for n, _ in named])
         return True
+
+    def local_nonfinite(self, trainer) -> bool:
+        return self.comp.saw_nonfinite
+
+    def on_skipped_step(self, trainer) -> None:
+        self.comp.discard_step()
+
+    def after_optimizer_step(self, trainer) -> None:
+        self.comp.commit_step()
 
     def metrics(self, trainer) -> dict[str, float]:
         s = self.comp.stats

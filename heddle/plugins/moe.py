@@ -4,15 +4,17 @@
 
 setup: replaces ``block.mlp`` with :class:`heddle.moe.MoE` on ``trainer.group`` (each expert
 parameter is marked with :func:`heddle.dist.mark_sharded` by the layer, so the Trainer leaves
-experts out of DDP and its global-norm clipping counts each expert once, on its owner), and moves
-the optimizer's entries from the dense MLPs to the MoE parameters. With ``overlap`` a forward
-pre-hook on each block issues the layer's spAG before the block's attention runs.
+experts out of DDP / FSDP2 and its global-norm clipping counts each expert once, on its owner).
+The optimizer is built after this (pass it to the Trainer as a factory), so it lists the MoE
+parameters from the start. With ``overlap`` a forward pre-hook on each block issues the layer's
+spAG before the block's attention runs. ``trainer.plugin("moe").layers`` lists the layers.
 
 Gradients: the router is replicated (DDP sums it); expert gradients arrive on owners by spRS as
-the sum over ranks of d(loss_sum), as the Trainer's contract expects. The aux loss is the
-user's to add: with a per-rank token-sum loss, add ``aux_loss_weight * num_tokens *
-model.aux_loss()`` so that after the Trainer divides by the global token count the objective is
-token-mean loss + aux_loss_weight * (token-weighted mean of the ranks' aux losses).
+the sum over ranks of d(loss_sum), as the Trainer's contract expects. The Trainer adds the aux
+loss in ``backward`` (``auxiliary_loss``): with a per-rank token-sum loss it adds
+``aux_loss_weight * num_tokens * sum of the layers' aux losses`` so that after the division by the
+global token count the objective is token-mean loss + aux_loss_weight * (token-weighted mean of
+the ranks' aux losses); with a mean loss it adds ``aux_loss_weight * aux``. Do not add it yourself.
 
 after_optimizer_step: FSSDP re-shards every ``reshard_every`` steps (Algorithm 2), moving
 parameters and optimizer state only when the plan changes.
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from heddle.moe import STRATEGIES, MoE, reshard
-from heddle.moe.apply import replace_mlps, swap_optimizer_params
+from heddle.moe.apply import replace_mlps
 from heddle.moe.hf import HFSparseMoeBlock, from_hf
 from heddle.plugins.base import TrainerPlugin
 from heddle.sequence.hf import is_transformers_model
@@ -37,7 +41,7 @@ class Config:
     d_ffn: int | None = None             # None: the replaced MLP's hidden size
     capacity_factor: float | None = None  # None: dropless
     activation: str = "swiglu"
-    aux_loss_weight: float = 0.01         # read by the training loop (examples/train_lm.py)
+    aux_loss_weight: float = 0.01         # the Trainer adds weight x tokens x aux loss in backward
     reshard_every: int | None = 100       # FSSDP: Algorithm 2 every N steps; None: never
     overlap: bool = True                  # issue spAG before the block's attention
     rematerialize: bool = False
@@ -71,14 +75,13 @@ class Plugin(TrainerPlugin):
                                rematerialize=c.rematerialize, overlap_degree=c.overlap_degree,
                                memory_slots=c.memory_slots, window=c.window)
         self.layers: list[MoE] = [moe for _, _, moe in swapped]
-        swap_optimizer_params(trainer.optimizer, [p for _, old, _ in swapped for p in old.parameters()],
-                              [p for moe in self.layers for p in moe.parameters()])
-        self.hooks = []
+        # every layer's aux loss of the micro-batch's forward, collected for auxiliary_loss
+        self.aux_losses: dict[int, torch.Tensor] = {}
+        self.hooks = [layer.register_forward_hook(self._record_aux(i)) for i, layer in enumerate(self.layers)]
         if c.overlap and c.strategy == "fssdp" and trainer.world_size > 1:
             for block, _, _ in swapped:
                 self.hooks.append(block.register_forward_pre_hook(lambda module, args: module.mlp.prefetch()))
         self.moved = 0
-        trainer.moe_layers = self.layers
 
     def _setup_hf(self, trainer) -> None:
         """A transformers MoE model: its sparse blocks become heddle MoE with its weights
@@ -95,6 +98,19 @@ class Plugin(TrainerPlugin):
                 self.hooks.append(parent.register_forward_pre_hook(
                     lambda module, args, moe=block.experts: moe.prefetch()))
         self.moved = 0
+
+    def _record_aux(self, index: int):
+        def hook(module, args, output):
+            self.aux_losses[index] = output[1]
+        return hook
+
+    def auxiliary_loss(self, trainer, num_tokens):
+        losses, self.aux_losses = list(self.aux_losses.values()), {}
+        if not self.config.aux_loss_weight or not losses:
+            return None
+        aux = torch.stack(losses).sum()
+        weight = self.config.aux_loss_weight * (1.0 if num_tokens is None else float(num_tokens))
+        return weight * aux
 
     def after_optimizer_step(self, trainer) -> None:
         every = self.config.reshard_every

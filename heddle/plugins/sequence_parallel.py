@@ -2,11 +2,10 @@
 
     heddle.TrainerConfig(sequence_parallel={"sp_size": 2})
 
-setup: builds :class:`heddle.dist.ParallelLayout` (contiguous SP groups of ``sp_size`` ranks, DP
-across them), swaps the model's core attention for :class:`heddle.sequence.UlyssesAttention` on
-the SP group, and sets ``trainer.dp_rank`` / ``trainer.dp_size`` (the sampler shards rows by
-them; the ``sp_size`` ranks of one replica read the same rows) and ``trainer.sp_rank`` /
-``trainer.sp_size`` / ``trainer.sp_group``.
+The Trainer's mesh gets an ``sp`` dimension of ``sp_size`` (contiguous ranks; ``trainer.layout``
+has ``sp_group`` / ``sp_rank`` and ``dp_rank`` / ``dp_size``: the sampler shards rows by them, the
+``sp_size`` ranks of one replica read the same rows). setup swaps the model's core attention for
+:class:`heddle.sequence.UlyssesAttention` on ``trainer.layout.sp_group``.
 
 prepare_batch: ``tokens`` / ``targets`` ``[b, s]`` (this replica's rows, whole sequences) ->
 this rank's ``[b, s_pad/P]`` shard; targets are padded with -100 so padding leaves the loss;
@@ -23,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 
-from heddle.dist import ParallelLayout
 from heddle.plugins.base import TrainerPlugin
 from heddle.sequence.hf import is_transformers_model
 from heddle.sequence import local_position_ids, padding_cu_seqlens, parallelize, shard_sequence
@@ -47,12 +45,9 @@ class Plugin(TrainerPlugin):
     Config = Config
 
     def setup(self, trainer) -> None:
-        self.layout = ParallelLayout(self.config.sp_size, group=trainer.group)
-        self.handle = parallelize(trainer.module, self.layout.sp_group, attn_fn=self.config.attn_fn,
+        self.sp_group = trainer.layout.sp_group
+        self.handle = parallelize(trainer.module, self.sp_group, attn_fn=self.config.attn_fn,
                                   check=self.config.check, overlap_chunks=self.config.overlap_chunks)
-        trainer.dp_rank, trainer.dp_size = self.layout.dp_rank, self.layout.dp_size
-        trainer.sp_rank, trainer.sp_size = self.layout.sp_rank, self.layout.sp_size
-        trainer.sp_group = self.layout.sp_group
 
     def prepare_batch(self, trainer, batch: dict) -> dict:
         for key in ("tokens", "targets"):
@@ -62,7 +57,7 @@ class Plugin(TrainerPlugin):
         if tokens.dim() != 2 or tokens.shape != targets.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} must both "
                              f"be [b, s]")
-        group = self.layout.sp_group
+        group = self.sp_group
         cu_seqlens = batch.get("cu_seqlens")
         local_tokens, shard = shard_sequence(tokens, group, 1, pad_value=0)
         local_targets, _ = shard_sequence(targets, group, 1, pad_value=self.config.ignore_index)
@@ -84,4 +79,4 @@ class Plugin(TrainerPlugin):
         return out
 
     def metrics(self, trainer) -> dict[str, float]:
-        return {"sp_size": float(self.layout.sp_size)}
+        return {"sp_size": float(trainer.layout.sp_size)}

@@ -18,12 +18,12 @@ STEPS, GLOBAL_BATCH, SEQ = 6, 4, 8
 def _train(rank, world, strategy, aux_weight, reshard_every):
     torch.manual_seed(0)
     model = GPT(GPTConfig(d_model=16, n_layers=2, n_heads=2, d_ffn=24, max_seq_len=SEQ)).double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
     dense = {id(p) for b in model.blocks for p in b.mlp.parameters()}
     config = heddle.TrainerConfig(max_grad_norm=0.5, progress=False, moe=dict(
         num_experts=5, top_k=2, strategy=strategy, aux_loss_weight=aux_weight, reshard_every=reshard_every,
         memory_slots=1, overlap_degree=2))
-    trainer = heddle.Trainer(model, optimizer, config=config)
+    trainer = heddle.Trainer(model, lambda params: torch.optim.AdamW(params, lr=3e-2, weight_decay=0.1), config=config)
+    optimizer = trainer.optimizer  # built after the MLPs became MoE layers
     listed = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not listed & dense, "dense MLP parameters left in the optimizer"
     assert all(id(p) in listed for b in model.blocks for p in b.mlp.parameters())
@@ -36,13 +36,12 @@ def _train(rank, world, strategy, aux_weight, reshard_every):
         x, y = rows[:, :-1], rows[:, 1:]
         logits = trainer.model(x)
         loss_sum = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-        loss_sum = loss_sum + aux_weight * y.numel() * model.aux_loss()
         trainer.backward(loss_sum, num_tokens=y.numel())
         m = trainer.step()
         losses.append(m["loss"])
         norms.append(m["grad_norm"])
         moved += int(m.get("moe_experts_moved", 0))
-        for layer in trainer.moe_layers:   # optimizer state lives with the owner only
+        for layer in trainer.plugin("moe").layers:   # optimizer state lives with the owner only
             for e in range(layer.num_experts):
                 p = layer.experts.expert(e)
                 assert (p in optimizer.state) == (layer.owners[e] == layer.rank), (step, e)

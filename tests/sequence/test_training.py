@@ -69,13 +69,14 @@ def _train(rank, world, explicit_positions):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     config = heddle.TrainerConfig(progress=False, sequence_parallel={"sp_size": 2})
     trainer = heddle.Trainer(model, opt, config=config)
-    assert trainer.dp_size == world // 2 and trainer.dp_rank == rank // 2 and trainer.sp_size == 2
+    lay = trainer.layout
+    assert lay.dp_size == world // 2 and lay.dp_rank == rank // 2 and lay.sp_size == 2 and lay.sp_rank == rank % 2
     assert all(isinstance(b.attn.core_attention, UlyssesAttention) for b in model.blocks)
-    per = BATCH // trainer.dp_size
+    per = BATCH // lay.dp_size
     losses = []
     for step in range(STEPS):
         x, y = _batch(step)
-        rows = slice(trainer.dp_rank * per, (trainer.dp_rank + 1) * per)
+        rows = slice(lay.dp_rank * per, (lay.dp_rank + 1) * per)
         batch = {"tokens": x[rows], "targets": y[rows], "cu_seqlens": CU}
         if explicit_positions:
             batch["position_ids"] = position_ids_from_cu_seqlens(CU, SEQ)
@@ -92,7 +93,7 @@ def _train(rank, world, explicit_positions):
     assert losses == pytest.approx(ref_losses, abs=1e-10), (losses, ref_losses)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), ref_params[name], atol=1e-10, rtol=0, msg=name)
-    _check_group_switch(model, trainer.sp_group)
+    _check_group_switch(model, lay.sp_group)
     return losses
 
 

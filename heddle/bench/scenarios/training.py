@@ -206,19 +206,15 @@ class Training(Scenario):
         cfg = self._model_config(options, case["model"])
         torch.manual_seed(options.seed)
         model = GPT(cfg).to(ctx.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
+        optimizer = lambda params: torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)  # noqa: E731
         tconfig = heddle.TrainerConfig(**{**trainer_kwargs, "progress": False})
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         trainer = heddle.Trainer(model, optimizer, config=tconfig, group=ctx.group)
         hooks = _HookTimer(trainer.plugins)
         accum = tconfig.grad_accum_steps
-        moe = trainer_kwargs.get("moe")
-        # as examples/train_lm.py: the MoE load-balancing loss, weighted per token of this rank
-        aux_weight = ((moe.get("aux_loss_weight", 0.01) if isinstance(moe, dict) else
-                       getattr(moe, "aux_loss_weight", 0.01)) if moe else 0.0)
-        dp_rank = getattr(trainer, "dp_rank", ctx.rank)
-        dp_size = getattr(trainer, "dp_size", ctx.world_size)
+        # the Trainer adds the MoE load-balancing loss (moe.aux_loss_weight) in backward
+        dp_rank, dp_size = trainer.layout.dp_rank, trainer.layout.dp_size
         sampler = trainer.track("sampler", WindowSampler(corpus.train, options.seq_len, options.batch_size * accum,
                                                          seed=options.seed, dp_rank=dp_rank, dp_size=dp_size))
         autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if options.precision == "bf16"
@@ -237,8 +233,6 @@ class Training(Scenario):
                 targets = batch["targets"]
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                        reduction="sum")
-                if aux_weight:
-                    loss = loss + aux_weight * (targets != -100).sum() * model.aux_loss()
                 trainer.backward(loss, num_tokens=(targets != -100).sum())
                 fwd_bwd += time.perf_counter() - start
             start = time.perf_counter()

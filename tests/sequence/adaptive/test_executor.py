@@ -122,12 +122,15 @@ def _trainer_worker(rank, world, path):
         "cost_model": "calibrate", "calibration_lengths": (16, 32, 64), "max_tokens_per_device": 8,
         "planner": "thread"})  # test workers are daemonic: they may not spawn a planner process
     trainer = heddle.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), config=config)
-    asp = trainer.adaptive_sp
+    asp = trainer.plugin("adaptive_sequence_parallel")
     assert trainer.ddp is None
-    asp.submit(LENGTHS)
-    plan = asp.next_plan()
-    asp.run(trainer, plan, _documents())
+    for batch in trainer.micro_batches({"documents": _documents()}):   # this rank's share of the plan
+        logits = trainer.model(batch["tokens"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), batch["targets"].flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        trainer.backward(loss, num_tokens=(batch["targets"] != -100).sum())
     metrics = trainer.step()
+    plan = asp.plan
     err = max(float((p.detach() - (start[n] - 0.5 * ref_grads[n])).abs().max()) for n, p in model.named_parameters())
     cm = asp.cost_model
     if rank == 0:
