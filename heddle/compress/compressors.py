@@ -90,7 +90,7 @@ class Identity(PayloadCompressor):
 
 
 def _check_density(name: str, density) -> float:
-    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1:
         raise ValueError(f"{name}={density!r} must be a number in (0, 1]")
     return float(density)
 

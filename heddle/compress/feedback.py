@@ -13,6 +13,8 @@ With g_i this rank's gradient, C the compressor, and sums over ranks written sum
 EF21 and EControl start from h = g_0, e = 0, H = sum_j g_0,j: the first message is sent
 uncompressed (``needs_first_message``). With eta = 0 EControl's e never feeds back and it is EF21.
 Buffers (``state`` dict per layer): ErrorFeedback e; EF21 h, H; EControl e, h, H, all fp32.
+Updates never write into a buffer in place: each assigns a new tensor to the (staged) state dict,
+so :class:`~heddle.compress.GradientCompression` can discard a step by keeping the old dict.
 """
 
 from __future__ import annotations
@@ -73,10 +75,10 @@ class EF21(NoFeedback):
         return state["H"]
 
     def update_local(self, g, v, local, state):
-        state["h"] += local
+        state["h"] = state["h"] + local
 
     def aggregate(self, total, state):
-        state["H"] += total
+        state["H"] = state["H"] + total
         return state["H"]
 
     def __repr__(self):
@@ -99,8 +101,8 @@ class EControl(EF21):
         super().init_local(g, state)
 
     def update_local(self, g, v, local, state):
-        state["e"] += g - state["h"] - local
-        state["h"] += local
+        state["e"] = state["e"] + (g - state["h"] - local)
+        state["h"] = state["h"] + local
 
     def __repr__(self):
         return f"EControl(eta={self.eta})"

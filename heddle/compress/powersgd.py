@@ -19,6 +19,7 @@ import torch
 
 import heddle.dist as hd
 from heddle.compress.compressors import Compressor, _numel
+from heddle.compress.exchange import Exchange
 
 
 def _matrix_shape(shape) -> tuple[int, int] | None:
@@ -70,38 +71,61 @@ class PowerSGD(Compressor):
         s = torch.linalg.svdvals(x.reshape(n, m).double())
         return float(s[min(param, n, m):].pow(2).sum())
 
+    def start_exchange(self, items, group=None) -> "PowerSGDExchange":
+        return PowerSGDExchange(self, items, group).start()
+
     def exchange(self, items, group=None) -> None:
-        """Both phases for a list of compressible layers (see the module docstring)."""
-        if not items:
-            return
-        _, world = hd.group_rank_size(group)
-        mats, qs = [], []
-        for it in items:
+        """Both phases for a list of compressible layers, blocking (see the module docstring)."""
+        if items:
+            ex = self.start_exchange(items, group)
+            ex.advance()
+            ex.finish()
+
+    def __repr__(self):
+        return f"PowerSGD(rank={self.rank})"
+
+
+class PowerSGDExchange(Exchange):
+    """PowerSGD's two phases in flight: ``start`` issues sum P (async), ``advance`` waits for it,
+    orthogonalises and issues sum Q (the data dependence), ``finish`` forms P^ Q^T."""
+
+    phases = 2
+
+    def start(self):
+        self.mats, qs = [], []
+        for it in self.items:
             n, m = _matrix_shape(it.x.shape)
             r = min(it.param, n, m)
             q = it.state.get("q")
             if q is None or tuple(q.shape) != (m, r):
                 g = torch.Generator().manual_seed(it.shared_seed)
                 q = torch.randn(m, r, generator=g, dtype=torch.float32).to(it.x.device)
-            mats.append(it.x.reshape(n, m))
+            self.mats.append(it.x.reshape(n, m))
             qs.append(q)
-        ps = [mat @ q for mat, q in zip(mats, qs)]
-        flat = torch.cat([p.reshape(-1) for p in ps])
-        if world > 1:
-            hd.all_reduce(flat, group=group)
-        p_hats = [torch.linalg.qr(seg.view_as(p), mode="reduced").Q
-                  for seg, p in zip(torch.split(flat, [p.numel() for p in ps]), ps)]
-        q_locals = [mat.t() @ p_hat for mat, p_hat in zip(mats, p_hats)]
-        flat_q = torch.cat([q.reshape(-1) for q in q_locals])
-        if world > 1:
-            hd.all_reduce(flat_q, group=group)
-        for it, p_hat, q_loc, seg in zip(items, p_hats, q_locals,
-                                         torch.split(flat_q, [q.numel() for q in q_locals])):
+        self.ps = [mat @ q for mat, q in zip(self.mats, qs)]
+        self.flat = torch.cat([p.reshape(-1) for p in self.ps])
+        if self.world > 1:
+            self.work = hd.all_reduce(self.flat, group=self.group, async_op=True)
+        self.phase = 1
+        return self
+
+    def advance(self):
+        self.wait()
+        self.work = None
+        self.p_hats = [torch.linalg.qr(seg.view_as(p), mode="reduced").Q
+                       for seg, p in zip(torch.split(self.flat, [p.numel() for p in self.ps]), self.ps)]
+        self.q_locals = [mat.t() @ p_hat for mat, p_hat in zip(self.mats, self.p_hats)]
+        self.flat_q = torch.cat([q.reshape(-1) for q in self.q_locals])
+        if self.world > 1:
+            self.work = hd.all_reduce(self.flat_q, group=self.group, async_op=True)
+        self.phase = 2
+
+    def finish(self):
+        self.wait()
+        for it, p_hat, q_loc, seg in zip(self.items, self.p_hats, self.q_locals,
+                                         torch.split(self.flat_q, [q.numel() for q in self.q_locals])):
             q_sum = seg.view_as(q_loc)
             it.local = (p_hat @ q_loc.t()).view_as(it.x)
             it.total = (p_hat @ q_sum.t()).view_as(it.x)
             it.state["q"] = q_sum.clone()
             it.payload_bytes = 4 * (p_hat.numel() + q_loc.numel())
-
-    def __repr__(self):
-        return f"PowerSGD(rank={self.rank})"

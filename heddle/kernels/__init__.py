@@ -8,7 +8,7 @@ missing; ``backend="torch"`` forces the reference.
 - :func:`quantize_pack` / :func:`unpack_dequantize`: bucketed max-min b-bit quantization with
   unbiased stochastic rounding, bit-packed (see :mod:`heddle.kernels.reference`).
 - :func:`topk_indices`: indices of the k largest |x| (sorted ascending; ties at the threshold
-  broken by lowest index), via the exact k-th largest |x|.
+  broken by lowest index; NaN counts as +inf), via the exact k-th largest |x|.
 """
 
 from __future__ import annotations
@@ -118,9 +118,10 @@ def topk_indices(x: torch.Tensor, k: int, *, backend: str | None = None) -> torc
     n = x.numel()
     if not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k={k!r} must be an int in 1..{n}")
-    if torch.isnan(x).any():
-        raise ValueError("topk_indices: x contains NaN")
-    a = x.float().abs()
+    # NaN ranks as +inf (as in torch.topk): a poisoned gradient still yields k indices, so the
+    # collective sizes stay the same on every rank and the NaN reaches the aggregate, where the
+    # non-finite check sees it (heddle.compress never absorbs it into its state).
+    a = torch.nan_to_num(x.float().abs(), nan=float("inf"))
     if _use_triton(x, backend):
         t_bits = _kth_largest_abs_bits(a.view(torch.int32).contiguous(), k, _triton.count_at_least)
         t = torch.tensor(t_bits, dtype=torch.int32, device=x.device).view(torch.float32)

@@ -19,9 +19,9 @@ import torch
 
 
 def check_quant_args(bits: int, bucket_size: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bits={bits!r} must be an int in 1..8")
-    if not isinstance(bucket_size, int) or bucket_size < 8 or bucket_size % 8:
+    if not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 8 or bucket_size % 8:
         raise ValueError(f"bucket_size={bucket_size!r} must be a positive multiple of 8")
 
 
