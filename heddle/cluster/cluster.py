@@ -238,15 +238,17 @@ class Cluster:
             return (cmd + (["-m"] + argv[1:] if module else argv)), {}
         if launcher == "slurm":
             # what srun would set, by hand: one task per process, nodes named node0..node{N-1}
-            if self.nproc_per_node != 1:
-                raise ValueError(f"launcher='slurm' starts one task per node here; nproc_per_node="
-                                 f"{self.nproc_per_node} (use torchrun or mpirun for more)")
-            env = {"SLURM_PROCID": str(i), "SLURM_NTASKS": str(self.num_nodes), "SLURM_LOCALID": "0",
-                   "SLURM_NODEID": str(i), "SLURM_NNODES": str(self.num_nodes),
+            k = self.nproc_per_node
+            env = {"SLURM_NTASKS": str(self.num_nodes * k), "SLURM_NODEID": str(i), "SLURM_NNODES": str(self.num_nodes),
                    "SLURM_NODELIST": f"node[0-{self.num_nodes - 1}]", "SLURM_JOB_ID": str(port),
                    "SLURM_JOB_NODELIST": f"node[0-{self.num_nodes - 1}]", "SLURMD_NODENAME": f"node{i}",
-                   "MASTER_PORT": str(port)}
-            return [self.python] + (argv if module else argv), env
+                   "SLURM_NTASKS_PER_NODE": str(k), "MASTER_PORT": str(port)}
+            tasks = " ".join(f"SLURM_PROCID={i * k + local} SLURM_LOCALID={local} {shlex.join([self.python] + argv)} "
+                             f"& p{local}=$!;" for local in range(k))
+            # every task in the background; the node fails when any task fails
+            waits = " ".join(f"wait $p{local} || rc=1;" for local in range(k))
+            script = f"{tasks} rc=0; {waits} exit $rc"
+            return ["sh", "-c", script], env
         raise ValueError(f"launcher={launcher!r}: valid are 'torchrun', 'slurm' (mpirun: Cluster.mpirun)")
 
     def run(self, argv: list[str], *, launcher: str = "torchrun", kill_node=None, kill_at_step: int | None = None,
@@ -353,6 +355,50 @@ class Cluster:
                 recovery.append(first["t"] - k.t)
         self._attempt += 1
         return RunResult([p.returncode for p in procs], restarts + 1, kills, logs, markers, recovery)
+
+    def mpirun(self, argv: list[str], *, timeout: float | None = 600, env: dict | None = None,
+               mpiexec: str | None = None) -> RunResult:
+        """Run ``argv`` under MPICH's Hydra (``mpiexec``) started on node 0, with
+        ``nproc_per_node`` ranks on every node. Hydra reaches the other nodes through its "ssh"
+        launcher pointed at a small script that enters the node's namespaces instead of ssh."""
+        if not self.started:
+            raise RuntimeError("cluster is not started")
+        if any(pid is None for pid in self.init_pids):
+            raise RuntimeError(f"every node must be up for mpirun; down: "
+                               f"{[i for i, pid in enumerate(self.init_pids) if pid is None]}")
+        mpiexec = mpiexec or os.path.join(os.path.dirname(self.python), "mpiexec")
+        if not os.path.exists(mpiexec):
+            raise RuntimeError(f"{mpiexec} not found: pip install mpich mpi4py (heddle[test])")
+        wrapper = os.path.join(netns.STATE_ROOT, self.tag, "node-exec.sh")
+        cases = "".join(f"  node{i}|{addr}) pid={pid} ;;\n"
+                        for i, (addr, pid) in enumerate(zip(self.addresses, self.init_pids)))
+        with open(wrapper, "w") as f:
+            # called as an ssh stand-in: [ssh options] HOST COMMAND...
+            f.write("#!/bin/sh\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\nhost=$1; shift\n"
+                    f"case $host in\n{cases}  *) echo \"node-exec: unknown host $host\" >&2; exit 255 ;;\nesac\n"
+                    'exec nsenter --target $pid --net --mount --uts -- sh -c "$*"\n')
+        os.chmod(wrapper, 0o755)
+        hosts = ",".join(f"node{i}:{self.nproc_per_node}" for i in range(self.num_nodes))
+        module = bool(argv) and argv[0] == "-m"
+        cmd = [mpiexec, "-launcher", "ssh", "-launcher-exec", wrapper, "-iface", netns.NODE_IFACE,
+               "-hosts", hosts, "-wdir", os.getcwd(), "-n", str(self.num_nodes * self.nproc_per_node),
+               "-genv", "GLOO_SOCKET_IFNAME", netns.NODE_IFACE, "-genv", DIR_ENV, self.shared_dir,
+               "-genv", "HEDDLE_CLUSTER_TAG", self.tag, "-genv", "OMP_NUM_THREADS", "1",
+               self.python] + list(argv if module else argv)
+        logs_dir = os.path.join(self.shared_dir, "logs")
+        os.makedirs(logs_dir, exist_ok=True)
+        log_path = os.path.join(logs_dir, f"attempt{self._attempt}-mpirun.log")
+        with open(log_path, "w") as log:
+            proc = self.popen(0, cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for i in range(self.num_nodes):
+                    self.stop_jobs(i)
+                proc.wait()
+                raise TimeoutError(f"mpirun timed out after {timeout}s; log {log_path}") from None
+        self._attempt += 1
+        return RunResult([proc.returncode], 1, [], [log_path], [], [])
 
     def _kill_nodes(self, kill_node) -> list[int]:
         if kill_node is None:
