@@ -52,5 +52,11 @@ FAULT_SEED ?= 0
 fault-campaign: $(STAMP)
 	$(PY) -m tests.checkpoint.fault_campaign --trials $(FAULT_TRIALS) --seed $(FAULT_SEED)
 
+# Emulated 2-node cluster (needs root + iproute2): bootstrap across nodes with torchrun, mpirun and
+# SLURM variables, then the node-loss campaign table (14 trials, docs/cluster.md).
+cluster-campaign: $(STAMP)
+	$(PY) -m heddle.cluster.bootstrap_check
+	$(PY) -m heddle.cluster.campaign
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
