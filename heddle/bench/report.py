@@ -28,10 +28,52 @@ COLLECTIVE_COLUMNS = [("op", "op"), ("size_bytes", "size (B)"), ("count", "count
                       ("redop", "redop"), ("root", "root"), ("time_us", "time (us)"),
                       ("time_p95_us", "p95 (us)"), ("algbw_gbps", "algbw (GB/s)"), ("busbw_gbps", "busbw (GB/s)"),
                       ("wrong", "#wrong"), ("speedup_vs_dense", "x dense")]
-TRAINING_COLUMNS = [("config", "config"), ("world_size", "procs"), ("tokens_per_s_per_device", "tokens/s/dev"), ("vs_first", "x first"),
+TRAINING_COLUMNS = [("config", "config"), ("world_size", "procs"), ("global_batch", "global batch (seqs)"),
+                    ("tokens_per_s_per_device", "tokens/s/dev"), ("vs_first", "x first"),
                     ("step_time_s", "step (s)"), ("compute_s", "compute (s)"), ("comm_s", "comm (s)"),
                     ("comm_mb_per_step", "comm MB/step"), ("checkpoint_stall_s", "ckpt stall (s)"),
                     ("peak_memory_mb", "peak mem (MB)"), ("mfu", "MFU"), ("final_loss", "loss")]
+
+
+# Scenario parts whose numbers come from a cost model, not from a run (what they predict for).
+PREDICTED = {
+    ("adaptive-sp", "sim"): lambda rows: f"the FlexSP cost model, preset {_one(rows, 'preset')}, 64 simulated devices",
+    ("moe_sim", None): lambda rows: f"heddle.moe.cost_model, hardware {_one(rows, 'hardware')}, 32 simulated devices",
+}
+# Parts that are measured, but not as a distributed run on the launched processes.
+MEASURED_NOTE = {("adaptive-sp", "planner"): "planner wall time on one CPU process"}
+
+
+def _one(rows: list[dict], key: str, default: str = "?") -> str:
+    values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+    return ", ".join(values) if values else default
+
+
+def link_of(row: dict) -> str:
+    """What connected the processes: a link the scenario recorded, else one host or N nodes."""
+    for key in ("link", "link_rate"):
+        if row.get(key):
+            return str(row[key])
+    nnodes = row.get("nnodes") or 1
+    if row.get("world_size") == 1:
+        return "no link (one process)"
+    return "within one host" if nnodes == 1 else f"{nnodes} nodes over the network"
+
+
+def environment(row: dict) -> str:
+    """'cpu: AMD EPYC, gloo, 2 processes, within one host' for a row's run."""
+    procs = row.get("world_size")
+    return (f"{row.get('devices')}, {row.get('backend')}, {procs} process{'es' if procs != 1 else ''}, "
+            f"{link_of(row)}")
+
+
+def provenance(scenario: str, part, rows: list[dict]) -> str:
+    """'predicted by ...' or 'measured on ...' for one table."""
+    model = PREDICTED.get((scenario, part))
+    if model is not None:
+        return f"Predicted by a cost model ({model(rows)}); not measured."
+    note = MEASURED_NOTE.get((scenario, part))
+    return f"Measured on {environment(rows[0])}" + (f" ({note})." if note else ".")
 
 
 def fmt(value) -> str:
@@ -114,7 +156,10 @@ def latest_runs(rows: list[dict]) -> list[dict]:
 
 
 def plot_bandwidth(rows: list[dict], path: Path) -> Path | None:
-    """busbw vs size, one line per (op, world size); log-log."""
+    """Two panels, log-log, one line per (op, world size). Left: nccl-tests busbw of the dense
+    collectives. Right: heddle's sparse / compressed collectives, whose bytes on the wire are not
+    the dense size: their effective bandwidth (dense size / time, the algbw column) next to
+    their dense peer's, so the axis compares like with like."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,26 +168,49 @@ def plot_bandwidth(rows: list[dict], path: Path) -> Path | None:
     coll = [r for r in rows if r["scenario"] == "collectives" and results.is_number(r.get("busbw_gbps"))]
     if not coll:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key in sorted({(r["op"], r.get("world_size")) for r in coll}, key=str):
-        pts = sorted((r["size_bytes"], r["busbw_gbps"]) for r in coll if (r["op"], r.get("world_size")) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} (n={key[1]})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("size (bytes)")
-    ax.set_ylabel("bus bandwidth (GB/s)")
-    ax.set_title("collectives: bus bandwidth vs size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    dense = [r for r in coll if r.get("bus_from", "nccl-tests") != "ledger"]
+    special = [r for r in coll if r.get("bus_from") == "ledger"]
+    peers = {r.get("dense_op") for r in special if r.get("dense_op")}
+    fig, axes = plt.subplots(1, 2 if special else 1, figsize=(13 if special else 8, 5), squeeze=False)
+
+    def draw(ax, subset, key, style="-"):
+        for op, n in sorted({(r["op"], r.get("world_size")) for r in subset}, key=str):
+            pts = sorted((r["size_bytes"], r[key]) for r in subset if (r["op"], r.get("world_size")) == (op, n))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{op} (n={n})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("size (bytes; dense buffer)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+
+    draw(axes[0][0], dense, "busbw_gbps")
+    axes[0][0].set_ylabel("bus bandwidth (GB/s, nccl-tests definition)")
+    axes[0][0].set_title("dense collectives: bus bandwidth", fontsize=10)
+    if special:
+        ax = axes[0][1]
+        draw(ax, [r for r in dense if r["op"] in peers], "algbw_gbps", "--")
+        draw(ax, special, "algbw_gbps")
+        ax.set_ylabel("effective bandwidth (GB/s) = dense size / time")
+        ax.set_title("sparse / compressed vs their dense peer (dashed): effective bandwidth\n"
+                     "(bytes actually sent are fewer: see busbw and x dense in the table)", fontsize=9)
+    fig.suptitle(f"collectives, measured: {environment(coll[0])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _config_label(r: dict) -> str:
+def _config_label(r: dict, rows: list[dict] = ()) -> str:
+    """'training: ddp (n=2)'; ', batch 16' added when the rows' global batches differ (a
+    grad_accum_steps=2 row takes twice the others' batch per step)."""
     label = r.get("config") or r.get("case") or r.get("variant") or ""
-    return f"{r['scenario']}: {label} (n={r.get('world_size')})"
+    batches = {x.get("global_batch") for x in rows if x.get("global_batch") is not None}
+    batch = f", batch {r['global_batch']}" if len(batches) > 1 and r.get("global_batch") is not None else ""
+    return f"{r['scenario']}: {label} (n={r.get('world_size')}{batch})"
+
+
+def rows_with(rows: list[dict], key: str) -> list[dict]:
+    return [r for r in rows if results.is_number(r.get(key))]
 
 
 def plot_tokens(rows: list[dict], path: Path) -> Path | None:
@@ -152,15 +220,17 @@ def plot_tokens(rows: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(_config_label(r), r["tokens_per_s_per_device"]) for r in rows
-           if results.is_number(r.get("tokens_per_s_per_device"))]
+    have = rows_with(rows, "tokens_per_s_per_device")
+    pts = [(_config_label(r, have), r["tokens_per_s_per_device"]) for r in have]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(pts)))
     ax.barh([p[0] for p in pts], [p[1] for p in pts], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xlabel("tokens/s per device")
-    ax.set_title("training: tokens/s per device vs config")
+    ax.set_xlim(0, max(p[1] for p in pts) * 1.08)
+    ax.set_title(f"tokens/s per device, measured: {environment(rows_with(rows, 'tokens_per_s_per_device')[0])}",
+                 fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -179,20 +249,21 @@ def plot_breakdown(rows: list[dict], path: Path) -> Path | None:
     sub = [r for r in rows if all(results.is_number(r.get(k)) for k in parts)]
     if not sub:
         return None
-    labels = [_config_label(r) for r in sub]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(sub)))
+    labels = [_config_label(r, sub) for r in sub]
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.45 * len(sub)))
     left = [0.0] * len(sub)
     for key, color, name in zip(parts, ("tab:blue", "tab:orange", "tab:red"), ("compute", "comm", "checkpoint stall")):
         values = [r[key] * 1e3 for r in sub]
         ax.barh(labels, values, left=left, color=color, label=name)
         left = [a + b for a, b in zip(left, values)]
     ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.08)  # headroom: the longest bar is not cut at the frame
     ax.set_xlabel("ms per step (comm: ledger replayed alone; compute: the rest)")
-    ax.set_title("training: step-time breakdown")
-    ax.legend(fontsize=8)
+    ax.set_title(f"training step-time breakdown, measured: {environment(sub[0])}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -207,8 +278,20 @@ def summary_markdown(rows: list[dict], plots: list[Path], image_prefix: str) -> 
                f"torch {first.get('torch_version')}, heddle {first.get('heddle_version')}, "
                f"git `{first.get('git_commit')}`.")
     out.append("")
+    out += ["Every table says whether its numbers were **measured** (a run on the processes and devices "
+            "named) or **predicted** by a cost model (a simulation of hardware that did not run here). "
+            "Timings on a shared CPU machine with gloo check the code paths and the ratios between "
+            "configurations run side by side; they are not cluster speeds.", ""]
+    captions = {"bandwidth_vs_size": "Measured collectives: left, busbw of the dense collectives; right, "
+                                     "heddle's sparse / compressed collectives as effective bandwidth (dense "
+                                     "size / time) next to their dense peer, since their bytes on the wire differ.",
+                "tokens_per_s": "Measured training throughput per device for every configuration.",
+                "step_breakdown": "Measured training step split into compute, communication (the step's "
+                                  "ledger replayed alone) and checkpoint stall."}
     for plot in plots:
         out += [f"![{plot.stem}]({image_prefix}{plot.name})", ""]
+        if plot.stem in captions:
+            out += [captions[plot.stem], ""]
     for scenario in sorted({r["scenario"] for r in rows}):
         sub = [r for r in rows if r["scenario"] == scenario]
         commands = sorted({r.get("command") or "" for r in sub})
@@ -230,6 +313,14 @@ def summary_markdown(rows: list[dict], plots: list[Path], image_prefix: str) -> 
         for title, part in groups(scenario, sub):
             if title != scenario:
                 out += ["", f"### {title}"]
+            out += ["", provenance(scenario, part[0].get("part"), part)]
+            if scenario == "collectives" and any(r.get("bus_from") == "ledger" for r in part):
+                out += ["", "For heddle's sparse / compressed collectives, busbw is the bytes the CommLedger "
+                            "recorded (what they actually sent) / time and algbw the dense size / time; "
+                            "`x dense` is the dense peer's time / theirs at the same size."]
+            if scenario == "training" and any(r.get("global_batch") for r in part):
+                out += ["", "`global batch` is sequences per optimizer step: a `grad_accum_steps=2` row "
+                            "takes twice the batch of the others per step, so compare it by tokens/s, not step time."]
             out += ["", markdown_table(part, _columns_for(scenario, part)), ""]
     return "\n".join(out) + "\n"
 
