@@ -124,8 +124,17 @@ class Plan:
         used = sum(len(r) for r, _ in lanes)
         lines.append(f"predicted step time {self.predicted_time:.3f} s (slowest lane), {len(lanes)} lanes on "
                      f"{used}/{self.num_devices} devices, up to {len(self.micro_batches)} micro-batch(es); "
-                     f"solver {self.solver} ({self.status}), {self.solve_time * 1e3:.0f} ms"
-                     + (f", gap {self.gap:.2%}" if self.gap == self.gap and self.gap != float("inf") else ""))
+                     f"solver {self.solver} ({self.status}), {self.solve_time * 1e3:.0f} ms")
+        if self.gap == float("inf"):
+            lines.append("MILP gap unbounded: the solver proved no lower bound within its time limit; the plan "
+                         "is the best solution found (the homogeneous plan below is the comparison that counts)")
+        elif self.gap == self.gap and self.gap > 0:
+            # HiGHS's relative gap (best solution - proven bound) / best solution, on the bucketed
+            # program: how far the proof got in the time limit, not how far this plan is from the
+            # best one (a makespan program's lower bound stays loose for long)
+            lines.append(f"MILP gap {self.gap:.0%}: the solver's proven lower bound was {self.gap:.0%} below its "
+                         f"best solution when the time limit hit; a loose bound, not this plan's distance "
+                         f"from the optimum (the homogeneous plan below is the comparison that counts)")
         if self.baseline_degree:
             lines.append(f"best homogeneous plan: degree {self.baseline_degree}, {self.baseline_time:.3f} s "
                          f"-> adaptive speedup {self.baseline_time / self.predicted_time:.2f}x")
