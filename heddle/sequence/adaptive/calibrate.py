@@ -8,6 +8,12 @@
   (b2 = latency x the 4 all-to-alls per layer per micro-batch, forward and backward). Then the
   model itself runs on each group size at the longest length (``in_situ_check``) and v_d is
   lowered to what its time implies when Ulysses' layout copies make it slower than the bare link.
+- intra- vs inter-node: with ``ranks_per_node`` (default ``LOCAL_WORLD_SIZE``) smaller than the
+  world, aligned groups of d <= ranks_per_node ranks stay inside a node (loopback / NVLink) and
+  larger ones cross the link; both are timed as above, and one extra all-to-all over a group with
+  one rank per node times the link alone. ``measured["intra_node_bandwidth"]``,
+  ``measured["inter_node_bandwidth"]`` (per group size) and ``measured["link_bandwidth"]`` report
+  them separately; the plan uses v_d of the group size it places, so it sees both.
 - a3: bytes one token sends through Ulysses' all-to-alls, counted from the attention modules
   (q, k, v and output, forward and backward) -- exact, not fitted.
 - memory: bytes autograd saves for backward per token (``saved_tensors_hooks`` at the longest
@@ -71,9 +77,48 @@ def _time_model(model, length: int, vocab: int, repeats: int, group=None) -> tup
     return float(np.median(times)), saved[0] / length
 
 
+def _a2a_bandwidth(sub, size: int, payload_bytes, repeats: int, parent) -> tuple[float, float]:
+    """(bytes/s per device, latency s) of all_to_all_single on ``sub`` (``size`` ranks), from two
+    payloads: t = latency + bytes_out / v. The slowest rank of ``parent`` sets each time."""
+    points = []
+    for nbytes in payload_bytes:
+        n = max(size, nbytes // 4 // size * size)
+        send, recv = torch.ones(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+        runs = []
+        for i in range(repeats + 1):
+            hd.barrier(group=sub)
+            start = time.perf_counter()
+            hd.all_to_all_single(recv, send, group=sub)
+            if i:
+                runs.append(time.perf_counter() - start)
+        points.append((n * 4 * (size - 1) / size, float(np.median(runs))))
+    vals = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    hd.all_reduce(vals, op=hd.ReduceOp.MAX, group=parent)
+    (x0, t0), (x1, t1) = (points[0][0], float(vals[0])), (points[1][0], float(vals[1]))
+    slope = max((t1 - t0) / (x1 - x0), 1e-15)
+    return 1.0 / slope, max(t0 - x0 * slope, 0.0)
+
+
+def _link_bandwidth(group_pool, world: int, ranks_per_node: int, payload_bytes, repeats: int) -> float | None:
+    """All-to-all bandwidth per device over groups of one rank per node (every byte crosses the
+    link): the inter-node link alone. Collective over the pool's parent group."""
+    nodes = world // ranks_per_node
+    if nodes < 2 or world % ranks_per_node:
+        return None
+    ranks = group_pool.ranks
+    sub, _ = torch.distributed.new_subgroups_by_enumeration(
+        [[ranks[local + k * ranks_per_node] for k in range(nodes)] for local in range(ranks_per_node)],
+        backend="gloo")
+    try:
+        v, _ = _a2a_bandwidth(sub, nodes, payload_bytes, repeats, group_pool.parent)
+    finally:
+        torch.distributed.destroy_process_group(sub)
+    return v
+
+
 def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int = 3, vocab: int | None = None,
               payload_bytes=(1 << 14, 1 << 20), device_bytes: float | None = None, a3: float | None = None,
-              name: str = "calibrated", in_situ_check: bool = True) -> CostModel:
+              name: str = "calibrated", in_situ_check: bool = True, ranks_per_node: int | None = None) -> CostModel:
     """Collective over ``group_pool.parent``. ``model`` must already run under Ulysses modules whose
     group is a one-rank group (as :class:`AdaptiveExecutor` leaves it) or plain local attention."""
     if len(lengths) < 3:
@@ -95,28 +140,19 @@ def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int 
     compute_err = float(np.max(np.abs(fit - t.numpy()) / t.numpy()))
     bandwidth, latencies = {}, []
     rank = group_pool.ranks.index(torch.distributed.get_rank()) if world > 1 else 0
+    if ranks_per_node is None:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if ranks_per_node < 1:
+        raise ValueError(f"ranks_per_node={ranks_per_node} must be >= 1")
     size = 2
     while size <= world:
         _, sub = group_pool.containing(rank, size)
-        points = []
-        for nbytes in payload_bytes:
-            n = max(size, nbytes // 4 // size * size)
-            send, recv = torch.ones(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
-            runs = []
-            for i in range(repeats + 1):
-                hd.barrier(group=sub)
-                start = time.perf_counter()
-                hd.all_to_all_single(recv, send, group=sub)
-                if i:
-                    runs.append(time.perf_counter() - start)
-            points.append((n * 4 * (size - 1) / size, float(np.median(runs))))
-        vals = torch.tensor([p[1] for p in points], dtype=torch.float64)
-        hd.all_reduce(vals, op=hd.ReduceOp.MAX, group=group)
-        (x0, t0), (x1, t1) = (points[0][0], float(vals[0])), (points[1][0], float(vals[1]))
-        slope = max((t1 - t0) / (x1 - x0), 1e-15)
-        bandwidth[size] = 1.0 / slope
-        latencies.append(max(t0 - x0 * slope, 0.0))
+        bandwidth[size], latency = _a2a_bandwidth(sub, size, payload_bytes, repeats, group)
+        latencies.append(latency)
         size *= 2
+    link = _link_bandwidth(group_pool, world, ranks_per_node, payload_bytes, repeats) if world > ranks_per_node else None
+    intra = {d: v for d, v in bandwidth.items() if d <= ranks_per_node}
+    inter = {d: v for d, v in bandwidth.items() if d > ranks_per_node}
     n_layers = len(_attention_modules(model)) or 1
     b2 = 4 * n_layers * float(np.mean(latencies)) if latencies else 0.0
     a3 = a3 if a3 is not None else ulysses_bytes_per_token(model)
@@ -138,7 +174,11 @@ def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int 
                      notes=f"calibrated on {world} process(es): lengths {list(lengths)}, {repeats} repeats",
                      measured={"lengths": list(map(int, lengths)), "compute_s": t.tolist(),
                                "compute_fit_max_rel_error": compute_err, "latency_s": latencies,
-                               "in_situ_bandwidth": {str(k): v for k, v in in_situ.items()}})
+                               "in_situ_bandwidth": {str(k): v for k, v in in_situ.items()},
+                               "ranks_per_node": ranks_per_node,
+                               "intra_node_bandwidth": {str(k): v for k, v in intra.items()},
+                               "inter_node_bandwidth": {str(k): v for k, v in inter.items()},
+                               "link_bandwidth": link})
 
 
 def _in_situ_bandwidth(model, pool, rank, world, length, vocab, repeats, constants) -> dict[int, float]:
