@@ -302,6 +302,14 @@ class GradientCompression:
             self._bad.extend(bad)
         return out
 
+    def _note_plain(self, key: str, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """An uncompressed reduce-scatter inside a step (FSDP2 warm-up / Identity): accounting and
+        the non-finite check only."""
+        with self._lock:
+            self._acc["elements"] += rows.numel()
+            self._acc["payload_bytes"] += rows.numel() * rows.element_size()
+            self._bad.extend([torch.isfinite(rows).all(), torch.isfinite(out).all()])
+
     def _check_scatter(self, what: str) -> None:
         if not isinstance(self.compressor, PayloadCompressor):
             raise ValueError(f"{what} does not support {self.compressor!r}: its factors need whole "
