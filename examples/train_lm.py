@@ -13,16 +13,13 @@ inside ``trainer.micro_batches``).
 from __future__ import annotations
 
 import argparse
-import os
-import sysconfig
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 import heddle
-from heddle.data import ByteCorpus, TokenBudgetSampler, TokenDataset, WindowSampler, build_byte_dataset
+from heddle.data import ByteCorpus, TokenBudgetSampler, WindowSampler, stdlib_documents
 from heddle.dist import all_reduce, is_sharded
 from heddle.models import GPT, GPTConfig
 
@@ -127,9 +124,9 @@ class Documents:
     computed in the background while step t trains."""
 
     def __init__(self, args, rank):
-        path = os.path.join(tempfile.gettempdir(), f"heddle-stdlib-docs-{args.asp_max_len}-r{rank}.arrow")
-        self.docs = TokenDataset(build_byte_dataset(sysconfig.get_paths()["stdlib"], path, suffixes=(".py",),
-                                                    max_len=args.asp_max_len + 1))
+        # ByteCorpus.stdlib's bytes cut at file boundaries, built once into the user cache under a
+        # content-addressed name (heddle.data.cache): concurrent jobs share it, nothing goes to /tmp
+        self.docs = stdlib_documents(max_len=args.asp_max_len + 1)
         self.sampler = TokenBudgetSampler(self.docs.lengths - 1, args.asp_tokens, seed=args.seed)
 
     def next(self, last: bool) -> dict:
