@@ -98,7 +98,9 @@ def trainer_config(args, given: set[str]) -> heddle.TrainerConfig:
     on when its switch flag is set)."""
     from heddle.config import load_config
 
-    on = {section for flag, section in SWITCHES.items() if getattr(args, flag) not in (None, 0, 1, False)}
+    # True == 1 in Python: test the flag's bool separately, or --adaptive-sp would count as off
+    on = {section for flag, section in SWITCHES.items()
+          if getattr(args, flag) is True or getattr(args, flag) not in (None, 0, 1, False)}
     if args.resume and not args.ckpt_dir and not args.config:
         raise ValueError("--resume needs --ckpt-dir")
     if args.lgreco and "compression" not in on and not args.config:
