@@ -22,7 +22,6 @@ is_decoupled / cleanup``) maps onto heddle as:
 from __future__ import annotations
 
 import os
-import pickle
 import queue
 import threading
 
@@ -94,7 +93,7 @@ class HeddleCheckpointEngine(CheckpointEngine):
             tensors = [_apply_storage_hook(t, map_location) for t in tensors]
         elif map_location is not None:
             raise TypeError(f"map_location={map_location!r}: expected a device, a device string or a callable")
-        return fill(pickle.loads(index.skeleton), tensors)["payload"]
+        return fill(index.skeleton, tensors)["payload"]
 
     def commit(self, info: CheckpointCommitInfo):
         if info is None:

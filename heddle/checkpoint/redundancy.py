@@ -20,13 +20,14 @@ One lost rank per group is recoverable.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 
 import torch
 import torch.distributed as dist
 
 import heddle.dist as hd
+from heddle.checkpoint.snapshot import create_private_file
 from heddle.checkpoint.storage import CorruptCheckpoint, decode_index, encode_index, tensors_from_buffer
 
 
@@ -48,9 +49,28 @@ def _exchange(ckpt, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int
 
 
 def _shm_tensor(path: str, nbytes: int) -> torch.Tensor:
-    with open(path, "wb") as f:
-        f.truncate(max(nbytes, 1))
+    try:
+        os.unlink(path)              # a previous copy of this name: a fresh private file instead
+    except FileNotFoundError:
+        pass
+    create_private_file(path, max(nbytes, 1))
     return torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    """Parity metadata as JSON (the indexes it carries are JSON text already): never pickle."""
+    return json.dumps({k: (v.decode() if isinstance(v, bytes) else
+                           [x.decode() for x in v] if k == "indexes" else v) for k, v in meta.items()}).encode()
+
+
+def _meta(data: bytes, what: str) -> dict:
+    try:
+        meta = json.loads(bytes(data).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{what}: unreadable parity metadata ({e})") from None
+    if not isinstance(meta, dict) or type(meta.get("C")) is not int or meta["C"] <= 0 or meta["C"] % 8:
+        raise CorruptCheckpoint(f"{what}: malformed parity metadata")
+    return meta
 
 
 def _own_dir(ckpt) -> str:
@@ -120,7 +140,7 @@ def protect(ckpt, snap) -> None:
     path = os.path.join(_own_dir(ckpt), f"parity-{step % 2}.bin")
     ckpt.keeper.request("invalidate", path)
     _shm_tensor(path, C).copy_(parity.view(torch.uint8))
-    meta = pickle.dumps({"C": C, "sizes": sizes, "indexes": indexes})
+    meta = _meta_bytes({"C": C, "sizes": sizes, "indexes": indexes})
     ckpt.keeper.request("commit", me, "parity", step, path, meta)
 
 
@@ -172,7 +192,7 @@ def recover(ckpt, step: int, missing: list[int], entries: list, own_buf):
         return None
     j = missing[0]
     if me != j:
-        meta = pickle.loads(parity[step][1])
+        meta = _meta(parity[step][1], f"parity of rank {me} step {step}")
         C = meta["C"]
         own = own_buf[:meta["sizes"][me]]
         block = torch.zeros((W - 1) * C, dtype=torch.uint8)
@@ -184,20 +204,20 @@ def recover(ckpt, step: int, missing: list[int], entries: list, own_buf):
                 c = _chunk_of(me, s)
                 piece = own[c * C:min((c + 1) * C, own.numel())]
                 block[k * C:k * C + piece.numel()] = piece
-        info = pickle.dumps({"C": C, "size": meta["sizes"][j], "index": meta["indexes"][j]})
+        info = _meta_bytes({"C": C, "size": meta["sizes"][j], "index": meta["indexes"][j]})
     else:
         block, info = torch.zeros(0, dtype=torch.uint8), b""
     infos = _all_gather_bytes(ckpt, info)
-    C = pickle.loads(infos[(j + 1) % W])["C"]
+    C = _meta(infos[(j + 1) % W], f"parity rebuild of rank {j}")["C"]
     recv = torch.empty(((W - 1) * (W - 1) * C) if me == j else 0, dtype=torch.uint8)
     in_splits = [block.numel() if r == j else 0 for r in range(W)]
     out_splits = [((W - 1) * C if (me == j and r != j) else 0) for r in range(W)]
     hd.all_to_all_single(recv, block, output_split_sizes=out_splits, input_split_sizes=in_splits, group=ckpt.group)
     if me != j:
         return None
-    meta = pickle.loads(infos[(j + 1) % W])
+    meta = _meta(infos[(j + 1) % W], f"parity rebuild of rank {j}")
     acc = torch.zeros((W - 1) * C // 8, dtype=torch.int64)
     for part in recv.view(W - 1, (W - 1) * C):
         acc.bitwise_xor_(part.view(torch.int64))
-    return decode_index(meta["index"], f"parity rebuild of rank {j}"), acc.view(torch.uint8)[:meta["size"]].clone(), \
+    return decode_index(meta["index"].encode(), f"parity rebuild of rank {j}"), acc.view(torch.uint8)[:meta["size"]].clone(), \
         "parity"

@@ -15,19 +15,52 @@ the snapshot is then marked torn and never committed (loud, not silent).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from heddle.checkpoint.state import FlatState
-from heddle.checkpoint.storage import ALIGN, RankIndex, TensorEntry
+from heddle.checkpoint.storage import ALIGN, RankIndex
 
 
 class TornSnapshot(RuntimeError):
     """A tensor changed in place between ``save()`` and the background copy."""
+
+
+class SharedMemoryFull(RuntimeError):
+    """/dev/shm (or ``shm_base``) has no room for a snapshot slot."""
+
+    def __init__(self, message: str, *, needed: int, free: int):
+        super().__init__(message)
+        self.needed, self.free = needed, free
+
+
+def create_private_file(path: str, nbytes: int) -> None:
+    """Create ``path`` (0600, never through a symlink, never an existing file) and reserve
+    ``nbytes`` of it with posix_fallocate, so a full tmpfs gives ENOSPC now instead of SIGBUS
+    when the pages are touched."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        if e.errno in (errno.ENOSPC, errno.EFBIG):
+            free = shm_free_bytes(os.path.dirname(path))
+            raise SharedMemoryFull(f"checkpoint: {os.path.dirname(path)} has {free} bytes free, a snapshot slot "
+                                   f"needs {nbytes}", needed=nbytes, free=free) from None
+        raise
+    os.close(fd)
+
+
+def shm_free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _aligned(n: int) -> int:
@@ -37,15 +70,18 @@ def _aligned(n: int) -> int:
 class HostSlot:
     """One reusable host buffer: in process memory, or a shared-memory file (``path``)."""
 
-    def __init__(self, nbytes: int, *, path: str | None = None, pin: bool = False):
+    def __init__(self, nbytes: int, *, path: str | None = None, pin: bool = False, adopt: bool = False):
         self.path, self.nbytes = path, max(int(nbytes), ALIGN)
         if path is not None:
-            with open(path, "wb") as f:
-                f.truncate(self.nbytes)
+            if adopt:      # a slot a crashed worker of this rank left: reuse its pages
+                self.nbytes = os.stat(path, follow_symlinks=False).st_size
+            else:
+                create_private_file(path, self.nbytes)
             self.buffer = torch.from_file(path, shared=True, size=self.nbytes, dtype=torch.uint8)
         else:
             self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-        self.buffer.zero_()  # fault the pages in now, not during the first snapshot
+        if not adopt:
+            self.buffer.zero_()  # fault the pages in now, not during the first snapshot
         self.holds: set[str] = set()
         self.step: int | None = None
 
@@ -83,6 +119,8 @@ class SnapshotEngine:
         self.current: Snapshot | None = None
         self.last: Snapshot | None = None
         self.on_copied = None                        # callback(snapshot), on the copy thread
+        self.before_allocate = None                  # callback(nbytes, slots to allocate)
+        self.acquire_timeout: float | None = None
         self.stalls = {"acquire_s": 0.0}
         self._stream = None
 
@@ -99,14 +137,21 @@ class SnapshotEngine:
         return best
 
     def acquire(self, nbytes: int) -> HostSlot:
-        """A slot of at least ``nbytes``; waits (back-pressure) while all are held."""
+        """A slot of at least ``nbytes``; waits (back-pressure) while all are held. Raises
+        RuntimeError at once when every slot is held by something that no save can free."""
         with self.cond:
-            self.cond.wait_for(lambda: self._free_index(nbytes) is not None)
+            if not self.cond.wait_for(lambda: self._free_index(nbytes) is not None, timeout=self.acquire_timeout):
+                held = [sorted(s.holds) if s is not None else [] for s in self.slots]
+                raise RuntimeError(f"checkpoint rank {self.rank}: no snapshot slot became free within "
+                                   f"{self.acquire_timeout:.0f}s (holds {held}); is the writer stuck?")
             i = self._free_index(nbytes)
             slot = self.slots[i]
             if slot is None or slot.nbytes < nbytes:
                 if slot is not None:
                     slot.release()
+                    self.slots[i] = None
+                if self.before_allocate is not None:   # free-space check / fallback (Checkpointer)
+                    self.before_allocate(nbytes, sum(s is None for s in self.slots))
                 path = self.slot_path(i) if self.slot_path else None
                 slot = self.slots[i] = HostSlot(nbytes, path=path, pin=self.pin)
                 for j, other in enumerate(self.slots):   # first save: pre-allocate the whole ring
@@ -116,23 +161,32 @@ class SnapshotEngine:
             slot.holds.add("copy")
             return slot
 
+    def adopt(self, path: str, holds: set[str]) -> HostSlot | None:
+        """Take over a slot file a previous worker of this rank left (restart: no second ring)."""
+        with self.cond:
+            for i, slot in enumerate(self.slots):
+                if slot is None:
+                    slot = self.slots[i] = HostSlot(0, path=path, pin=False, adopt=True)
+                    slot.holds |= holds
+                    return slot
+        return None
+
     def release(self, slot: HostSlot, reason: str) -> None:
         with self.cond:
             slot.holds.discard(reason)
             self.cond.notify_all()
 
     # -- snapshot -------------------------------------------------------------------------
-    def start(self, step: int, flat: FlatState, holds: set[str]) -> Snapshot:
+    def start(self, step: int, flat: FlatState, holds: set[str], *, run_id: str = "") -> Snapshot:
         """Begin the background copy of ``flat`` for ``step``; ``holds`` are the reasons the
         slot stays reserved after the copy ("flush", "memory")."""
         self.wait()
         entries, offset = [], 0
-        for t, path, per_rank in zip(flat.tensors, flat.paths, flat.tensor_per_rank):
-            n = t.numel() * t.element_size()
-            entries.append(TensorEntry(path, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, n,
-                                       per_rank=per_rank))
-            offset = _aligned(offset + n)
-        index = RankIndex(step, self.rank, self.world_size, flat.skeleton, entries, flat.per_rank_paths, offset)
+        for e in flat.entries:
+            entries.append(replace(e, offset=offset))
+            offset = _aligned(offset + e.nbytes)
+        index = RankIndex(step, self.rank, self.world_size, flat.skeleton, entries, flat.per_rank_paths, offset,
+                          run_id=run_id, replicated=list(flat.replicated), time=time.time())
         slot = self.acquire(offset)
         slot.step = step
         snap = Snapshot(step, slot, index, tensors=list(flat.tensors), versions=[t._version for t in flat.tensors])

@@ -1,25 +1,32 @@
-"""Turning a dict of stateful objects into (tensors, picklable skeleton) and back, in place.
+"""Turning a dict of stateful objects into (tensors, JSON skeleton) and back, in place.
 
 ``flatten(state)`` calls ``state_dict()`` on every entry, walks the result and replaces each
-tensor with a :class:`TensorRef`; the skeleton (everything that is not a tensor: step counters,
-sampler positions, RNG states, hyper-parameters) is pickled at once, so later mutation of a Python
-object never reaches the checkpoint. Tensors are only *referenced* here; the lazy snapshot copies
-them later (DataStates-LLM: they do not change until the next optimizer step).
+tensor with a reference; the skeleton (everything that is not a tensor: step counters, sampler
+positions, RNG states, hyper-parameters) is encoded to JSON at once (:mod:`heddle.checkpoint.codec`,
+no pickle), so later mutation of a Python object never reaches the checkpoint. Tensors are only
+*referenced* here; the lazy snapshot copies them later (DataStates-LLM: they do not change until
+the next optimizer step).
 
-Per-rank state (the resharding rule, see docs/checkpoint.md). A leaf or subtree is *per-rank* when
+DTensors (FSDP2 parameters and optimizer state, any mesh): the rank's local chunk is saved with
+its placement (global shape, the chunk's global offset); a chunk that is replicated over a mesh
+dimension is saved only by the rank at coordinate 0 of that dimension. ``replicated`` top-level
+keys (identical on every rank) are saved by rank 0 only. Restore reassembles both for any world
+size or mesh (:mod:`heddle.checkpoint.restore`).
+
+Per-rank state (the resharding rule, see docs/checkpoint.md). A leaf or subtree is declared
+*per-rank* when
 
 - the tensor is marked with :func:`heddle.dist.mark_sharded` (compression error buffers, ...),
 - it is a module ``state_dict`` entry of a sharded parameter (MoE experts owned by one rank),
 - it is the optimizer state (``state[i]``) of a sharded parameter,
 - it is the RNG entry, or an entry whose object sets ``checkpoint_per_rank = True``.
 
-Everything else is data-parallel replicated: identical on every rank, loadable at any world size.
+At a world-size change restore also treats as per-rank every subtree whose saved values differ
+between the old ranks (detected from the indexes: same JSON, same tensor CRCs, or not).
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,25 +35,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from heddle.checkpoint import codec
+from heddle.checkpoint.storage import TensorEntry
 from heddle.dist import is_sharded
 
 RNG_KEY = "__rng__"
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """Placeholder for the ``index``-th tensor of a flattened state."""
-
-    index: int
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 @dataclass
 class FlatState:
-    tensors: list[torch.Tensor]       # referenced, not copied
-    paths: list[str]                  # "model/layers.0.w", for messages
-    tensor_per_rank: list[bool]
-    skeleton: bytes                   # pickle of {key: tree with TensorRef leaves}
-    per_rank_paths: list[tuple]       # subtrees that are per-rank (tuples of keys)
+    tensors: list[torch.Tensor]       # local tensors to copy (referenced, not copied)
+    entries: list[TensorEntry]        # one per tensor (offsets filled by the snapshot engine)
+    skeleton: Any                     # JSON value: {key: tree with tensor / dtensor references}
+    per_rank_paths: list[tuple]       # subtrees that are declared per-rank (tuples of keys)
+    replicated: list[str]             # top-level keys saved by rank 0 only
+
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.entries]
 
 
 def capture_rng() -> dict:
@@ -78,60 +92,84 @@ def _state_of(key: str, value: Any) -> tuple[Any, list[tuple]]:
         return value, ([()] if is_sharded(value) else [])
     if hasattr(value, "state_dict") and callable(value.state_dict):
         return value.state_dict(), ([()] if getattr(value, "checkpoint_per_rank", False) else [])
+    if key == RNG_KEY:          # every process has its own RNG streams
+        return value, [()]
     return value, []
 
 
-def flatten(state: dict) -> FlatState:
+def _placement_name(p) -> str:
+    from torch.distributed.tensor import Replicate, Shard
+    if type(p) is Shard:
+        return f"S({p.dim})"
+    if type(p) is Replicate:
+        return "R"
+    raise ValueError(f"placement {p!r}: heddle checkpoints DTensors with Shard(dim) and Replicate "
+                     f"placements only (reduce a Partial DTensor first)")
+
+
+def _dtensor_leaf(t, label: str, tensors: list, entries: list, per_rank: bool) -> dict:
+    """Reference for a DTensor; its local chunk is saved unless another rank saves the same one."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    names = [_placement_name(p) for p in placements]
+    local = t.to_local().detach()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(f"state {label}: DTensor local shape {tuple(local.shape)} differs from its placement's "
+                         f"{tuple(shape)} (padded local tensors are not supported)")
+    coord = mesh.get_coordinate()
+    saves = coord is not None and all(c == 0 for c, n in zip(coord, names) if n == "R")
+    if saves:
+        tensors.append(local)
+        entries.append(TensorEntry(label, str(local.dtype).removeprefix("torch."), tuple(local.shape), 0,
+                                   local.numel() * local.element_size(), per_rank=per_rank,
+                                   global_shape=tuple(t.shape), global_offset=tuple(offset)))
+    return {codec.TAG: "dtensor", "path": label, "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape), "placements": names, "mesh": list(mesh.shape)}
+
+
+def flatten(state: dict, *, replicated=(), rank: int = 0) -> FlatState:
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of name -> stateful object, got {type(state).__name__}")
-    tensors, paths, flags, per_rank_paths = [], [], [], []
-
-    def walk(node, path, per_rank):
-        if isinstance(node, torch.Tensor):
-            tensors.append(node.detach())
-            paths.append("/".join(str(p) for p in path))
-            flags.append(per_rank or is_sharded(node))
-            return TensorRef(len(tensors) - 1)
-        if tuple(path) in per_rank_set:
-            per_rank = True
-        if isinstance(node, dict):
-            out = type(node)() if isinstance(node, OrderedDict) else {}
-            for k, v in node.items():
-                out[k] = walk(v, path + [k], per_rank or tuple(path + [k]) in per_rank_set)
-            if hasattr(node, "_metadata"):  # module state_dict version info
-                out._metadata = node._metadata
-            return out
-        if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
-            return type(node)(walk(v, path + [i], per_rank) for i, v in enumerate(node))
-        return node
-
+    replicated = list(replicated)
+    unknown = [k for k in replicated if k not in state]
+    if unknown:
+        raise ValueError(f"replicated={replicated!r}: {unknown} not in the state; its keys are {sorted(map(str, state))}")
+    tensors, entries, per_rank_paths = [], [], []
     tree = {}
     for key, value in state.items():
         if not isinstance(key, str):
             raise TypeError(f"state keys must be str, got {key!r}")
+        if key in replicated and rank != 0:
+            continue                    # identical on every rank: rank 0's copy is the checkpoint's
         sub, rel = _state_of(key, value)
         per_rank_set = {(key,) + r for r in rel}
         per_rank_paths.extend(sorted(per_rank_set, key=str))
-        tree[key] = walk(sub, [key], (key,) in per_rank_set)
-    buf = io.BytesIO()
-    pickle.dump(tree, buf, protocol=pickle.HIGHEST_PROTOCOL)
-    return FlatState(tensors, paths, flags, buf.getvalue(), per_rank_paths)
+
+        def on_tensor(t, path):
+            label = "/".join(str(p) for p in path)
+            flag = is_sharded(t) or any(path[:n] in per_rank_set for n in range(1, len(path) + 1))
+            if is_dtensor(t):
+                return _dtensor_leaf(t, label, tensors, entries, flag)
+            t = t.detach()
+            tensors.append(t)
+            entries.append(TensorEntry(label, str(t.dtype).removeprefix("torch."), tuple(t.shape), 0,
+                                       t.numel() * t.element_size(), per_rank=flag))
+            return {codec.TAG: "tensor", "i": len(entries) - 1}
+
+        tree[key] = codec.encode(sub, on_tensor, (key,))
+    return FlatState(tensors, entries, tree, per_rank_paths, replicated)
 
 
-def fill(tree: Any, tensors: list[torch.Tensor]) -> Any:
-    """Replace every TensorRef in ``tree`` by its tensor."""
-    if isinstance(tree, TensorRef):
-        return tensors[tree.index]
-    if isinstance(tree, dict):
-        out = type(tree)() if isinstance(tree, OrderedDict) else {}
-        for k, v in tree.items():
-            out[k] = fill(v, tensors)
-        if hasattr(tree, "_metadata"):
-            out._metadata = tree._metadata
-        return out
-    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return type(tree)(fill(v, tensors) for v in tree)
-    return tree
+def fill(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+    """Decode a skeleton whose tensor references index ``tensors`` (plain tensors only)."""
+    def on_ref(node, path):
+        i = node.get("i")
+        if node.get(codec.TAG) != "tensor" or type(i) is not int or not 0 <= i < len(tensors):
+            raise codec.CodecError(f"{'/'.join(map(str, path))}: bad tensor reference {node!r:.80}")
+        return tensors[i]
+    return codec.decode(skeleton, on_ref)
 
 
 def _get(tree: Any, path: tuple) -> Any:

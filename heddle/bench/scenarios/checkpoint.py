@@ -248,7 +248,7 @@ def _write_forever(nbytes: int, directory: str, stop) -> None:
     data = torch.ones(nbytes, dtype=torch.uint8).numpy()
     step = 0
     while not stop.is_set():
-        write_rank_files(directory, RankIndex(step % 2, 0, 1, b"", [], [], nbytes), data)
+        write_rank_files(directory, RankIndex(step % 2, 0, 1, None, [], [], nbytes), data)
         step += 1
 
 
