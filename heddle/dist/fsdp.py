@@ -60,4 +60,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     wrapped.append(model)
     for module in wrapped:
         module.set_gradient_divide_factor(1.0)  # sum over ranks: the Trainer divides by the token count
+        # a divide factor in fp32/bf16 makes FSDP2 use ReduceOp.PREMUL_SUM, which gloo rejects
+        # ("Cannot use ReduceOp.PREMUL_SUM with Gloo"); a plain SUM (factor 1: no division) works
+        module.set_force_sum_reduction_for_comms(True)
     return wrapped
