@@ -194,6 +194,38 @@ def _ulysses_rows(options, rank, world):
     return [r for r in rows if r["reporter"] == 0]
 
 
+def _wire_bytes() -> int:
+    """Bytes this node sent on its links (not loopback): /proc/net/dev inside the node's netns."""
+    total = 0
+    with open("/proc/net/dev") as f:
+        for line in f.readlines()[2:]:
+            name, data = line.split(":", 1)
+            if name.strip() != "lo":
+                total += int(data.split()[8])
+    return total
+
+
+def _with_wire_check(part, fn, rank, world, nproc_per_node):
+    """Run ``fn`` under a CommLedger; with one process per node, also count what crossed the
+    link (the node's tx bytes) and add a row comparing the two."""
+    import torch
+    import torch.distributed as dist
+
+    import heddle.dist as hd
+    dist.barrier()
+    wire0 = _wire_bytes()
+    with hd.CommLedger() as ledger:
+        rows = fn()
+    dist.barrier()
+    wire = _wire_bytes() - wire0
+    counts = torch.tensor([float(ledger.bytes_sent()), float(wire)], dtype=torch.float64)
+    dist.all_reduce(counts)   # over both nodes
+    if nproc_per_node == 1:
+        rows.append({"part": part, "config": "bytes: link vs ledger", "ledger_MB": float(counts[0]) / 1e6,
+                     "wire_MB": float(counts[1]) / 1e6, "wire_over_ledger": float(counts[1] / counts[0])})
+    return rows
+
+
 def worker(options) -> None:
     import torch
     import torch.distributed as dist
@@ -210,14 +242,16 @@ def worker(options) -> None:
         if part == "link":
             rows += _link_rows(rank, world)
         elif part == "compression":
-            rows += _compression_rows(options)
+            rows += _with_wire_check("compression", lambda: _compression_rows(options), rank, world,
+                                     options.nproc_per_node)
         elif part == "fsdp":
             rows += _compression_rows(options, fsdp=True)
         elif part == "moe":
             argv = ["--skews", "1.0", "--no-overlap-cases", "--trials", "1" if options.tiny else "5"]
             argv += ["--tokens", "256", "--d-model", "64", "--d-ffn", "128"] if options.tiny else []
-            rows += [dict(r, part="moe", config=r.get("impl")) for r in
-                     _scenario_rows("moe", argv, BenchContext(rank, world, None))]
+            rows += _with_wire_check("moe", lambda: [dict(r, part="moe", config=r.get("impl")) for r in
+                                     _scenario_rows("moe", argv, BenchContext(rank, world, None))],
+                                     rank, world, options.nproc_per_node)
         elif part == "ulysses":
             rows += _ulysses_rows(options, rank, world)
         if rank == 0:
@@ -279,7 +313,7 @@ def goals(rows) -> list[str]:
         sub = [r for r in rows if r["link_rate"] == rate]
         need = {"1gbit": 2.0, "10gbit": 1.3}.get(rate)
         for r in sub:
-            if r["part"] == "compression" and r["config"] != "fp32" and need:
+            if r["part"] == "compression" and "speedup_vs_fp32" in r and r["config"] != "fp32" and need:
                 ok = r["speedup_vs_fp32"] >= need and r.get("val_in_spread") is not False
                 out.append(f"{rate} {r['config']}: {r['speedup_vs_fp32']:.2f}x fp32 steps/s, val "
                            f"{r['val_loss']:.4f} (fp32 spread {r['fp32_val_min']:.4f}..{r['fp32_val_max']:.4f}): "
@@ -317,7 +351,7 @@ def main(argv=None):
     cols = [("link_rate", "link"), ("part", "part"), ("config", "config"), ("steps_per_s", "steps/s"),
             ("speedup_vs_fp32", "x fp32"), ("backward_sync_s", "bwd+sync s"), ("time_to_target_s", "to target s"),
             ("val_loss", "val loss"), ("val_in_spread", "in fp32 spread"), ("median_s", "median s"),
-            ("busbw_gbit", "busbw Gbit/s")]
+            ("vs_ep", "EP / this"), ("busbw_gbit", "busbw Gbit/s"), ("wire_over_ledger", "link / ledger bytes")]
     print_rows("cross-node (measured)", rows, cols)
     for line in goals(rows):
         print(line)

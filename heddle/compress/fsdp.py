@@ -83,8 +83,13 @@ class CompressedReduceScatter(_Alloc, ReduceScatter):
         passthrough = (comp.step < comp.start_iter
                        or (isinstance(comp.compressor, Identity) and isinstance(comp.feedback, NoFeedback)))
         if passthrough:
+            premul_on_gloo = (getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM
+                              and dist.get_backend(group) == "gloo")   # gloo has no PREMUL_SUM
             with hd.CommLedger(thread_local=True) as ledger:
-                hd.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
+                hd.reduce_scatter_tensor(output_tensor, input_tensor, op=dist.ReduceOp.SUM if premul_on_gloo else op,
+                                         group=group)
+            if premul_on_gloo:
+                output_tensor.mul_(float(op.factor))
             comp._add_bytes(ledger)
             comp._note_plain(self.key, rows, output_tensor)
             return None
