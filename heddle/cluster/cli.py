@@ -98,10 +98,10 @@ def _kill_node(argv: list[str]) -> int:
         return 2
     init = state["init_pids"][args.node]
     ns = state["node_ns"][args.node]
-    netns.kill_pids_of_netns(ns, keep=lambda pid: pid == init)
+    killed = netns.kill_pids_of_netns(ns, keep=lambda pid: pid == init)
     if init:
         netns.wipe_node_memory(init)
-    killed = netns.kill_pids_of_netns(ns)
+    killed += netns.kill_pids_of_netns(ns)
     print(f"heddle cluster kill-node: node {args.node} of {tag}: killed {len(killed)} process(es), /dev/shm wiped")
     return 0
 

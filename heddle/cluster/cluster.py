@@ -332,6 +332,16 @@ class Cluster:
             if killed is None and all(c is not None for c in codes) and (
                     all(c == 0 for c in codes) or restarts >= max_restarts):
                 break
+            if killed is None:
+                # a failure may be a node killed from outside (`heddle cluster kill-node`) whose
+                # holder is still dying: give it a moment, then count it as a node loss
+                time.sleep(0.5)
+                lost = [i for i, init in enumerate(self._inits) if init is not None and init.poll() is not None]
+                if lost:
+                    for i in lost:
+                        self.kill_node(i)
+                    killed = KillEvent(lost, time.time(), self._attempt, None, None)
+                    kills.append(killed)
             # relaunch: survivors' jobs stop (keepers and /dev/shm stay); lost nodes come back fresh
             for i in range(self.num_nodes):
                 if self.init_pids[i] is not None:
