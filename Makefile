@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.heddle-installed
 NPROC  ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench docs install clean fault-campaign
+.PHONY: demo test bench docs gpu-check install clean fault-campaign
 
 install: $(STAMP)
 
@@ -57,6 +57,12 @@ fault-campaign: $(STAMP)
 cluster-campaign: $(STAMP)
 	$(PY) -m heddle.cluster.bootstrap_check
 	$(PY) -m heddle.cluster.campaign
+
+# Every CUDA path on one GPU (Triton kernels vs torch bit for bit, Ulysses with flash/SDPA, the
+# checkpoint's pinned side-stream snapshot, the bf16 Trainer step and MFU): a pass/fail + timing
+# table in under 8 minutes. Without CUDA it says so in one line and exits 0.
+gpu-check: $(STAMP)
+	$(PY) -m heddle.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
