@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from heddle.data.text import stdlib_source_chunks
-from heddle.data.token_files import TokenDataset, write_token_file
+from heddle.data.token_files import TokenDataset, build_byte_dataset, write_token_file
 from heddle.progress import progress
 
 FORMAT_VERSION = 1  # bump when the layout of a cached file changes
@@ -97,5 +97,33 @@ def stdlib_documents(max_len: int | None = 2049, *, max_bytes: int = 8 << 20, mi
         with progress(f"heddle: building {len(docs):,} stdlib documents ({sum(map(len, docs)) / 1e6:.1f} MB) "
                       f"into {where}", enabled=show_progress):
             write_token_file(tmp, [np.frombuffer(d, dtype=np.uint8) for d in docs], format="arrow")
+
+    return TokenDataset(cached_file(name, build, directory=directory))
+
+
+def cached_byte_dataset(sources, *, suffixes=(".txt", ".md", ".py", ".rst"), max_len: int | None = None,
+                        min_len: int = 2, directory: str | os.PathLike | None = None,
+                        show_progress: bool | None = None) -> TokenDataset:
+    """:func:`build_byte_dataset` of ``sources`` (files or directories), cached like
+    :func:`stdlib_documents`: the name hashes every file's path relative to its source, its
+    bytes and the build parameters, so a changed file builds a new dataset."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    key = hashlib.sha256(f"heddle-byte-dataset v{FORMAT_VERSION} suffixes={sorted(suffixes)} max_len={max_len} "
+                         f"min_len={min_len}\n".encode())
+    for src in sources:
+        root = Path(src)
+        if not root.exists():
+            raise FileNotFoundError(f"source {str(src)!r} is neither a file nor a directory")
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in suffixes)
+        for f in files:
+            data = f.read_bytes()
+            key.update(f"{f.relative_to(root) if f != root else f.name}\0{len(data)}\0".encode())
+            key.update(data)
+    name = f"bytes-{key.hexdigest()[:24]}.arrow"
+
+    def build(tmp: str) -> None:
+        with progress(f"heddle: building a byte dataset of {', '.join(map(str, sources))}", enabled=show_progress):
+            build_byte_dataset(sources, tmp, suffixes=suffixes, max_len=max_len, min_len=min_len, format="arrow")
 
     return TokenDataset(cached_file(name, build, directory=directory))

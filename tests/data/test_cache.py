@@ -80,3 +80,18 @@ def test_cache_dir_env(tmp_path, monkeypatch):
     monkeypatch.delenv("HEDDLE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "heddle"
+
+
+def test_cached_byte_dataset_follows_content(tmp_path):
+    from heddle.data import cached_byte_dataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_bytes(b"x" * 30)
+    (src / "b.txt").write_bytes(b"hello world")
+    cache = tmp_path / "cache"
+    first = cached_byte_dataset(src, max_len=8, directory=cache)
+    assert sorted(first.lengths.tolist()) == [3, 6, 8, 8, 8, 8]  # 30 = 8+8+8+6, 11 = 8+3
+    assert cached_byte_dataset(src, max_len=8, directory=cache).path == first.path
+    (src / "b.txt").write_bytes(b"hello there")  # same size, new bytes: a new name
+    assert cached_byte_dataset(src, max_len=8, directory=cache).path != first.path
