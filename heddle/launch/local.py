@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 
-from heddle.launch.worker import LAUNCHER_PID_ENV
+from heddle.launch.worker import LAUNCHER_PID_ENV, WORKER_PATH
 
 STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL
 POLL_S = 0.05
@@ -95,7 +95,7 @@ class LocalLauncher:
         return env
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "heddle.launch.worker", *(["-m"] if self.module else []),
+        return [sys.executable, WORKER_PATH, *(["-m"] if self.module else []),
                 self.target, *self.args]
 
     def _on_signal(self, signum, frame):

@@ -122,7 +122,10 @@ def torchrun_argv(args) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             out.append(f"--{flag.replace('_', '-')}={value}")
-    out += ["-m", "heddle.launch.worker", *(["-m"] if args.module else []), args.script, *args.script_args]
+    from heddle.launch.worker import WORKER_PATH
+
+    out += ["--no-python", sys.executable, WORKER_PATH, *(["-m"] if args.module else []), args.script,
+            *args.script_args]
     return out
 
 

@@ -1,4 +1,7 @@
-"""What every worker of ``heddle run`` runs first: ``python -m heddle.launch.worker [-m] TARGET ARGS``.
+"""What every worker of ``heddle run`` runs first: ``python .../heddle/launch/worker.py [-m] TARGET ARGS``.
+
+It runs as a file, not as ``-m heddle.launch.worker``: importing the ``heddle`` package would
+import torch before the script does, and it uses nothing but the standard library.
 
 1. The worker dies with its launcher: ``PR_SET_PDEATHSIG`` = SIGKILL, so a launcher killed even
    with SIGKILL leaves no worker training and writing checkpoints next to a relaunch. (A launcher
@@ -17,6 +20,7 @@ import signal
 import sys
 
 LAUNCHER_PID_ENV = "HEDDLE_LAUNCHER_PID"
+WORKER_PATH = os.path.abspath(__file__)
 PR_SET_PDEATHSIG = 1
 
 
@@ -44,9 +48,10 @@ def main(argv: list[str]) -> None:
     except (AttributeError, ValueError):  # stdout replaced by something without reconfigure
         pass
     if not argv or argv == ["-m"]:
-        raise SystemExit("usage: python -m heddle.launch.worker [-m] SCRIPT_OR_MODULE [ARGS...]")
+        raise SystemExit(f"usage: python {WORKER_PATH} [-m] SCRIPT_OR_MODULE [ARGS...]")
     if argv[0] == "-m":
         sys.argv = argv[1:]
+        sys.path[0] = os.getcwd()  # as python -m does
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)

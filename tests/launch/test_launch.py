@@ -1,10 +1,14 @@
-"""End to end: `heddle run` (torchrun underneath) and `mpiexec -n 2` bootstrapping heddle."""
+"""End to end: `heddle run` and `mpiexec -n 2` bootstrapping heddle; exit codes, signals, output."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "allreduce_script.py")
@@ -37,7 +41,8 @@ def test_heddle_run_reports_failure(tmp_path):
     bad.write_text("raise SystemExit(3)\n")
     proc = subprocess.run([os.path.join(BIN, "heddle"), "run", "-n", "2", str(bad)],
                           env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 3, proc.stderr  # the worker's own code
+    assert re.search(r"heddle run: rank [01] exited with code 3", proc.stderr), proc.stderr
     proc = subprocess.run([os.path.join(BIN, "heddle"), "run", "-n", "0", str(bad)],
                           env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--nproc='0'" in proc.stderr
@@ -65,3 +70,53 @@ def test_heddle_env_and_help():
     assert info["launcher"].startswith("single")
     proc = subprocess.run([os.path.join(BIN, "heddle"), "nope"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown command 'nope'" in proc.stderr
+
+
+PIDS_SCRIPT = """
+import os, sys, time
+path = sys.argv[1] + "." + os.environ["RANK"]
+with open(path + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(path + ".tmp", path)
+time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkilled_heddle_run_takes_its_workers_along(tmp_path):
+    """PR_SET_PDEATHSIG: nothing of the launcher runs after SIGKILL, the kernel kills the workers.
+    (SIGTERM / SIGINT / SIGHUP: tests/launch/test_local.py, in-process.)"""
+    sig = signal.SIGKILL
+    script = tmp_path / "pids.py"
+    script.write_text(PIDS_SCRIPT)
+    prefix = str(tmp_path / "pid")
+    launcher = subprocess.Popen([os.path.join(BIN, "heddle"), "run", "-n", "2", str(script), prefix],
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        deadline = time.monotonic() + 90
+        while not all(os.path.exists(f"{prefix}.{r}") for r in range(2)):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+            time.sleep(0.05)
+        pids = [int(open(f"{prefix}.{r}").read()) for r in range(2)]
+        launcher.send_signal(sig)
+        code = launcher.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [p for p in pids if _running(p)]
+    finally:
+        for p in [p for p in pids if _running(p)]:
+            os.kill(p, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    assert survivors == [], f"workers {survivors} outlived heddle run after {sig.name}"
+    assert code == -sig
