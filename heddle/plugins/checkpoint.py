@@ -31,6 +31,7 @@ class Config:
     redundancy: str | None = None
     flush: str = "every"
     num_slots: int = 2
+    start_fresh_on_corrupt: bool = False   # resume when every checkpoint is corrupt: start over instead of raising
 
     def __post_init__(self):
         if not self.directory:
@@ -46,7 +47,8 @@ class Plugin(TrainerPlugin):
     def setup(self, trainer) -> None:
         c = self.config
         self.checkpointer = Checkpointer(c.directory, group=trainer.group, keep=c.keep, levels=tuple(c.levels),
-                                         redundancy=c.redundancy, flush=c.flush, num_slots=c.num_slots)
+                                         redundancy=c.redundancy, flush=c.flush, num_slots=c.num_slots,
+                                         start_fresh_on_corrupt=c.start_fresh_on_corrupt)
         self.saves = 0
         self.stall_s = 0.0   # this step's time blocked on checkpointing (lazy wait + save call)
 
