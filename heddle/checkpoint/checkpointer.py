@@ -364,7 +364,7 @@ class Checkpointer:
 
     def _lose_keeper(self, rank: int) -> None:
         """Collective outcome of a dead keeper on some rank: disk-only from now on, or stop."""
-        err = self._keeper_error
+        err, self._keeper_error = self._keeper_error, None
         what = err if err is not None else f"the checkpoint keeper of rank {rank} is gone"
         if "disk" not in self.levels:
             raise KeeperUnavailable(f"{what}; levels={self.levels} has no disk level to continue on") from err

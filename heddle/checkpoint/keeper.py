@@ -165,13 +165,13 @@ class KeeperServer:
         try:
             while not self.stop.is_set():
                 try:
-                    msg = _recv(conn)
-                except (EOFError, OSError, ValueError, UnicodeDecodeError):
+                    raw = conn.recv_bytes()
+                except (EOFError, OSError):
                     return
                 try:
-                    reply = self.dispatch(msg)
-                except (TypeError, ValueError, IndexError, KeyError) as e:
-                    reply = {"error": f"bad request: {e}"}
+                    reply = self.dispatch(json.loads(raw.decode()))
+                except (TypeError, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+                    reply = {"error": f"bad request (JSON lists only): {type(e).__name__}"}
                 _send(conn, reply)
         finally:
             with self.lock:
