@@ -30,7 +30,7 @@ def test_cross_node_benchmark_parts_run_tiny_on_2x1(tmp_path):
     bench = _bench()
     out = tmp_path / "rows.json"
     rc = bench.main(["--rates", "200mbit", "--parts", "link,compression,fsdp,moe,ulysses,adaptive", "--tiny",
-                     "--steps", "6", "--seeds", "2", "--json", str(out), "--out", str(tmp_path / "parquet"),
+                     "--steps", "8", "--seeds", "2", "--json", str(out), "--out", str(tmp_path / "parquet"),
                      "--timeout", "600"])
     assert rc == 0
     import json
