@@ -332,12 +332,85 @@ def goals(rows) -> list[str]:
                 out.append(f"{rate} {r['config']}: {r['speedup_vs_fp32']:.2f}x fp32 steps/s, val "
                            f"{r['val_loss']:.4f} (fp32 spread {r['fp32_val_min']:.4f}..{r['fp32_val_max']:.4f}): "
                            f"goal >= {need}x in spread {'met' if ok else 'missed'}")
+        for r in sub:
+            if r["part"] == "ulysses" and r.get("impl") in ("heddle", "heddle-overlap") and rate == "10gbit":
+                v = r.get("overhead_vs_ds")
+                out.append(f"{rate} Ulysses {r['config']}: overhead / DeepSpeed's {_f(v)}: goal <= 0.5 "
+                           f"{'met' if v is not None and v == v and v <= 0.5 else 'missed'}")
+            if r["part"] == "adaptive" and r.get("config") == "adaptive" and "measured_s" in r:
+                sp, err = r.get("speedup_vs_static"), r["prediction_error"]
+                out.append(f"{rate} adaptive SP: {_f(sp)}x the static plan (goal >= 1.3: "
+                           f"{'met' if sp and sp >= 1.3 else 'missed'}), prediction error {err:.2f} (goal <= 0.2: "
+                           f"{'met' if err <= 0.2 else 'missed'})")
         ep = next((r for r in sub if r["part"] == "moe" and r["config"] == "ep"), None)
         fs = next((r for r in sub if r["part"] == "moe" and r["config"] == "fssdp"), None)
         if ep and fs and rate == "1gbit":
             ratio = fs["median_s"] / ep["median_s"]
             out.append(f"{rate} MoE FSSDP / EP layer time {ratio:.2f}: goal <= 0.6 {'met' if ratio <= 0.6 else 'missed'}")
     return out
+
+
+def _f(v, digits=3):
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join(_f(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def markdown(rows) -> str:
+    """The docs' cross-node tables from the rows of one or more runs (``--report``)."""
+    out = []
+    env = rows[0]
+    out.append(f"Measured on `heddle cluster`: 2 network-namespace nodes on one machine ({env['cpu']}), gloo, "
+               "tbf-shaped veth link; processes per node and the link's measured ceiling in each table.")
+    link = [(r["link_rate"], f"2 x {r['procs_per_node']}", r["busbw_gbit"], r["load_avg_start"])
+            for r in rows if r["part"] == "link"]
+    out += ["", "Link ceiling (16 MB all-reduce across the nodes, measured busbw):", "",
+            _table(["tbf rate", "nodes x procs", "busbw Gbit/s", "load avg at start"], link)]
+    for part, title in (("compression", "Compression under DDP (example GPT, Trainer)"),
+                        ("fsdp", "Compression under FSDP2 (example GPT, Trainer data_parallel=fsdp)")):
+        sub = [r for r in rows if r["part"] == part and "steps_per_s" in r]
+        if not sub:
+            continue
+        lines = [(r["link_rate"], r["config"], r["seed"], r["steps_per_s"], r["speedup_vs_fp32"], r["backward_sync_s"],
+                  r["backward_sync_vs_fp32"], r["bytes_sent_per_step"] / 1e3, r["time_to_target_s"], r["val_loss"],
+                  f"{r['fp32_val_min']:.4f}..{r['fp32_val_max']:.4f}", r["val_in_spread"]) for r in sub]
+        note = (" (kB sent/step: the CommLedger's count; FSDP2's own all-gathers and plain reduce-scatters do "
+                "not go through heddle.dist and are not in it)" if part == "fsdp" else "")
+        out += ["", f"{title}, measured, 2 nodes x 1 proc{note}:", "",
+                _table(["link", "config", "seed", "steps/s", "x fp32", "bwd+sync s", "fp32 bwd+sync / this",
+                        "kB sent/step", "s to fp32 loss", "val loss", "fp32 val spread", "in spread"], lines)]
+    checks = [(r["link_rate"], r["part"], r["ledger_MB"], r["wire_MB"], r["wire_over_ledger"])
+              for r in rows if r.get("config") == "bytes: link vs ledger"]
+    if checks:
+        out += ["", "Bytes that crossed the link (the nodes' tx counters) vs the CommLedger's count, whole part:", "",
+                _table(["link", "part", "ledger MB", "link MB", "link / ledger"], checks)]
+    moe = [(r["link_rate"], r["config"], r["median_s"], r.get("vs_ep"), r.get("max_over_mean"), r.get("spag_MB"),
+            r.get("lambda")) for r in rows if r["part"] == "moe" and "median_s" in r]
+    if moe:
+        out += ["", "MoE layer fwd+bwd, Zipf 1.0, experts spread over both nodes, measured, 2 x 1:", "",
+                _table(["link", "impl", "median s", "EP time / this", "max/mean tokens", "spAG+spRS MB", "lambda"], moe)]
+    uly = [(r["link_rate"], r.get("sp_layout"), r.get("impl"), r.get("s"), r["median_s"], r.get("overhead_s"),
+            r.get("overhead_vs_ds"), r.get("overhead_vs_ds_min")) for r in rows if r["part"] == "ulysses"]
+    if uly:
+        out += ["", "Ulysses attention fwd+bwd (H 8, d 64), measured:", "",
+                _table(["link", "SP group", "impl", "s", "median s", "overhead s", "overhead / DeepSpeed's",
+                        "same, fastest trials"], uly)]
+    ada = [(r["link_rate"], r["config"], r["predicted_s"], r["measured_s"], r["prediction_error"],
+            r["speedup_vs_static"]) for r in rows if r["part"] == "adaptive" and "measured_s" in r]
+    if ada:
+        out += ["", "Adaptive SP (heddle.cluster.sp_calibration, code lengths), measured and predicted, 2 x 1:", "",
+                _table(["link", "plan", "predicted s", "measured s", "|pred - meas| / meas", "static / this"], ada)]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
@@ -353,9 +426,18 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=3000)
     p.add_argument("--out", default=None, help="write Parquet rows here (heddle bench report reads them)")
     p.add_argument("--json", default=None, help="also write all rows as JSON")
+    p.add_argument("--report", nargs="+", default=None, help="print the docs' Markdown tables from these JSON files")
     options = p.parse_args(argv)
     if options.worker:
         return worker(options)
+    if options.report:
+        rows = []
+        for path in options.report:
+            with open(path) as f:
+                rows += json.load(f)
+        print(markdown(rows))
+        print("\n".join(goals(rows)))
+        return 0
     rows = []
     for rate in options.rates.split(","):
         t0 = time.perf_counter()
@@ -375,8 +457,11 @@ def main(argv=None):
     if options.out:
         from heddle.bench import results
         run_id = results.new_run_id()
-        rows = [dict(r, run_id=run_id, command="python " + " ".join(sys.argv), world_size=2 * options.nproc_per_node,
-                     nnodes=2, hosts="node0,node1", devices="cpu", backend="gloo") for r in rows]
+        drop = ("curve", "calibration", "error")   # long blobs stay in the JSON
+        rows = [dict({k: v for k, v in r.items() if k not in drop}, run_id=run_id,
+                     command="python benchmarks/cluster.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     world_size=2 * options.nproc_per_node, nnodes=2, hosts="node0,node1", devices="cpu",
+                     backend="gloo") for r in rows]
         print(f"rows: {results.write_rows(options.out, 'cross-node', rows, run_id=run_id)}")
     return 0
 
