@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import heddle
-from heddle.data import ByteCorpus, TokenBudgetSampler, WindowSampler, stdlib_documents
+from heddle.data import ByteCorpus, TokenBudgetSampler, WindowSampler, cached_byte_dataset, stdlib_documents
 from heddle.dist import all_reduce, is_sharded
 from heddle.models import GPT, GPTConfig
 
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asp-tokens", type=int, default=4096, help="--adaptive-sp: token budget of a global batch of documents")
     p.add_argument("--asp-max-len", type=int, default=2048, help="--adaptive-sp: documents are cut at this many bytes")
     p.add_argument("--asp-capacity", type=int, default=None, help="--adaptive-sp: activation tokens per device (emulates a memory limit)")
+    p.add_argument("--asp-source", default=None, help="--adaptive-sp: a directory of .py files as the documents (default: the stdlib)")
+    p.add_argument("--asp-planner", choices=("process", "thread"), default="process", help="--adaptive-sp: background planner")
     return p
 
 
@@ -88,6 +90,7 @@ FLAG_KEYS = {
     "lgreco": "compression.lgreco", "compress_start": "compression.start_iter",
     "asp_cost_model": "adaptive_sequence_parallel.cost_model",
     "asp_capacity": "adaptive_sequence_parallel.max_tokens_per_device",
+    "asp_planner": "adaptive_sequence_parallel.planner",
 }
 SWITCHES = {"sp": "sequence_parallel", "ckpt_dir": "checkpoint", "moe": "moe", "compress": "compression",
             "adaptive_sp": "adaptive_sequence_parallel"}  # the flag that switches a section on
@@ -121,14 +124,15 @@ def trainer_config(args, given: set[str]) -> heddle.TrainerConfig:
 
 
 class Documents:
-    """--adaptive-sp data: global batches of whole stdlib files (byte tokens, cut at --asp-max-len)
+    """--adaptive-sp data: global batches of whole .py files (byte tokens, cut at --asp-max-len)
     by token budget, the same on every rank; ``next_lengths`` lets the plan of step t+1 be
     computed in the background while step t trains."""
 
     def __init__(self, args, rank):
         # ByteCorpus.stdlib's bytes cut at file boundaries, built once into the user cache under a
         # content-addressed name (heddle.data.cache): concurrent jobs share it, nothing goes to /tmp
-        self.docs = stdlib_documents(max_len=args.asp_max_len + 1)
+        self.docs = (stdlib_documents(max_len=args.asp_max_len + 1) if args.asp_source is None else
+                     cached_byte_dataset(args.asp_source, suffixes=(".py",), max_len=args.asp_max_len + 1))
         self.sampler = TokenBudgetSampler(self.docs.lengths - 1, args.asp_tokens, seed=args.seed)
 
     def next(self, last: bool) -> dict:

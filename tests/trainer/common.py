@@ -33,9 +33,11 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
-def reference(steps: int, clip: float | None, *, model=None, lr: float = LR, skip=(), aux_weight: float = 0.0) -> dict:
+def reference(steps: int, clip: float | None, *, model=None, lr: float = LR, skip=(), aux_weight: float = 0.0,
+              chunks: int = 1) -> dict:
     """One process, the whole global batch: the numbers every layout must reproduce.
-    skip: batches never applied (a skipped step); aux_weight: MoE aux loss per token."""
+    skip: batches never applied (a skipped step); aux_weight: MoE aux loss per token of each of
+    ``chunks`` data-parallel row blocks."""
     model = model or tiny_gpt()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, norms = [], []
@@ -43,10 +45,13 @@ def reference(steps: int, clip: float | None, *, model=None, lr: float = LR, ski
         if step in skip:
             continue
         x, y = global_batch(step)
-        loss = loss_sum(model(x), y)
         tokens = int((y != -100).sum())
-        if aux_weight:
-            loss = loss + aux_weight * tokens * model.aux_loss()
+        if aux_weight:  # the aux loss is per rank (its rows), weighted by the rank's tokens
+            loss = 0.0
+            for xr, yr in zip(x.chunk(chunks), y.chunk(chunks)):
+                loss = loss + loss_sum(model(xr), yr) + aux_weight * int((yr != -100).sum()) * model.aux_loss()
+        else:
+            loss = loss_sum(model(x), y)
         (loss / tokens).backward()
         norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])))
         if clip:
@@ -72,15 +77,16 @@ def max_error(a: dict, b: dict) -> float:
 
 
 def train(config: heddle.TrainerConfig, steps: int, *, model=None, lr: float = LR, lr_scheduler=None,
-          poison=None, fixed_batch: bool = False) -> tuple[heddle.Trainer, list[dict]]:
+          poison=None, fixed_batch: bool = False, optimizer_steps: bool = False) -> tuple[heddle.Trainer, list[dict]]:
     """Train ``steps`` steps through the Trainer on this rank's rows of :func:`global_batch`.
-    poison(step, rank) -> True: this rank's loss of that step becomes NaN; fixed_batch: batch 0 every step."""
+    poison(step, rank) -> True: this rank's loss of that step becomes NaN; fixed_batch: batch 0 every step;
+    optimizer_steps: count applied steps (trainer.step_count), not step() calls."""
     model = model or tiny_gpt()
     trainer = heddle.Trainer(model, lambda params: torch.optim.AdamW(params, lr=lr), config=config,
                              lr_scheduler=lr_scheduler)
     lay = trainer.layout
     out, step = [], 0
-    while len(out) < steps:
+    while (trainer.step_count if optimizer_steps else len(out)) < steps and len(out) < steps + 50:
         x, y = global_batch(0 if fixed_batch else step)
         per = ROWS // lay.dp_size
         rows = slice(lay.dp_rank * per, (lay.dp_rank + 1) * per)
