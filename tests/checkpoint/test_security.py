@@ -532,36 +532,113 @@ def _inject(data: bytes, payload: bytes) -> bytes | None:
     return _with_crc_trailer(out) if trailer else out
 
 
+_STYLES = [dict(indent=i, sort_keys=k, separators=sep) for i in (None, 1, 2) for k in (False, True)
+           for sep in (None, (",", ":"))]
+
+
+def _reseal(original: bytes, doc: dict) -> bytes:
+    """Serialise ``doc`` like the ``original`` manifest and, when the original carries a checksum
+    of itself (learnt from the genuine file: CRC-32 of some JSON serialisation of the rest),
+    recompute it: what an attacker who reads the source would do."""
+    genuine = json.loads(original)
+    layout = next((st for st in _STYLES if json.dumps(genuine, **st).encode() == original), {"indent": 1})
+    for key, value in genuine.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            body = {k: v for k, v in genuine.items() if k != key}
+            style = next((st for st in _STYLES if zlib.crc32(json.dumps(body, **st).encode()) == value), None)
+            if style is not None and key in doc:
+                rest = {k: v for k, v in doc.items() if k != key}
+                doc = {**rest, key: zlib.crc32(json.dumps(rest, **style).encode())}
+                break
+    return json.dumps(doc, **layout).encode()
+
+
+def _b64_fields_to(node, payload: bytes):
+    """Every ``{"b64": ...}`` field replaced by the payload (and its dtype, if any, made object)."""
+    if isinstance(node, dict):
+        out = {k: _b64_fields_to(v, payload) for k, v in node.items()}
+        if isinstance(node.get("b64"), str):
+            out["b64"] = base64.b64encode(payload).decode()
+            if "dtype" in node:
+                out["dtype"] = "|O"
+        return out
+    if isinstance(node, list):
+        return [_b64_fields_to(v, payload) for v in node]
+    return node
+
+
+def _planted_variants(template_dir: str, payload: bytes) -> dict[str, dict[str, bytes]]:
+    """{variant: {file name: bytes}} of the attacker's own step with a payload in its index."""
+    src = _step_dirs(template_dir)[99]
+    files = {}
+    for name in sorted(os.listdir(src)):
+        with open(os.path.join(src, name), "rb") as f:
+            files[name] = f.read()
+    indexes = [n for n in files if not _is_manifest(n) and len(files[n]) < NUMEL * 2]
+    assert indexes, f"no index file (smaller than the data, not the manifest) in {sorted(files)}"
+    variants = {}
+    whole = {n: (_inject(files[n], payload) or payload) if n in indexes else files[n] for n in files}
+    variants["index replaced by a pickle"] = whole
+    fields = dict(files)
+    for n in indexes:
+        body = files[n]
+        trailer = len(body) > 4 and zlib.crc32(body[:-4]) == int.from_bytes(body[-4:], "little")
+        try:
+            doc = json.loads(body[:-4] if trailer else body)
+        except ValueError:
+            continue
+        out = json.dumps(_b64_fields_to(doc, payload)).encode()
+        fields[n] = _with_crc_trailer(out) if trailer else out
+    if fields != files:
+        variants["pickle in every base64 field of the index"] = fields
+    for name, new in variants.items():   # every size and checksum the manifest holds, recomputed
+        for m in (n for n in files if _is_manifest(n)):
+            others_old = {k: v for k, v in files.items() if k != m}
+            others_new = {k: v for k, v in new.items() if k != m}
+            new[m] = _reseal(files[m], _recompute(json.loads(files[m]), others_old, others_new))
+    return variants
+
+
 def test_planted_step_with_a_pickle_payload_never_runs(arena, tmp_path):
-    """nobody plants a newer step (made from its own heddle checkpoint, every pickle in it swapped
-    for a payload, every size and checksum in the manifest recomputed) into a shared directory."""
+    """nobody plants a newer step into a shared directory, made from its own heddle checkpoint:
+    (a) the index replaced by a pickle, (b) a pickle in every base64 field of the index, each with
+    every size and checksum of the manifest recomputed, and (c) a checkpoint it saved of a state
+    holding an object whose unpickling runs a command (if the library lets it save one)."""
     victim_dir = os.path.join(arena, "ckpt")
     _save_steps(victim_dir, [1, 2])
     os.chmod(victim_dir, 0o777)      # a shared checkpoint directory
     marker = os.path.join(_private_dir(tmp_path, "root-only"), "PWNED")
+    payload = pickle.dumps(Payload(marker), protocol=2)
     template = os.path.join(str(tmp_path), "attacker-own")
     _save_steps(template, [99])
-    src = _step_dirs(template)[99]
-    payload = pickle.dumps(Payload(marker), protocol=2)
-    old, new = {}, {}
-    for name in sorted(os.listdir(src)):
-        with open(os.path.join(src, name), "rb") as f:
-            old[name] = f.read()
-        new[name] = old[name] if _is_manifest(name) else (_inject(old[name], payload) or old[name])
-    assert any(old[n] != new[n] for n in old), f"no pickle found to replace in {sorted(old)}"  # noqa: SIM118
-    staging = os.path.join(arena, "staging")
-    os.makedirs(staging)
-    for name in old:
-        data = new[name]
-        if _is_manifest(name):
-            data = json.dumps(_recompute(json.loads(old[name]), {k: v for k, v in old.items() if k != name},
-                                         {k: v for k, v in new.items() if k != name})).encode()
-        with open(os.path.join(staging, name), "wb") as f:
-            f.write(data)
-        os.chmod(os.path.join(staging, name), 0o644)
-    as_nobody(COPY, staging, os.path.join(victim_dir, os.path.basename(src)))
-    _restore(victim_dir)
-    assert not os.path.exists(marker), "restoring a planted step ran the payload of its index"
+    variants = _planted_variants(template, payload)
+    own = os.path.join(str(tmp_path), "attacker-object")
+    try:
+        ck = _disk_checkpointer(own)
+        ck.save(99, {"w": torch.zeros(NUMEL), "meta": {"value": Payload(marker)}})
+        ck.close()
+    except Exception:  # noqa: BLE001 - a format that cannot carry the object refuses it: safe
+        pass
+    else:
+        src = _step_dirs(own)[99]
+        variants["its own checkpoint of a payload object"] = {
+            n: open(os.path.join(src, n), "rb").read() for n in os.listdir(src)}
+    ran = []
+    for i, (variant, files) in enumerate(variants.items()):
+        staging = os.path.join(arena, f"staging{i}")
+        os.makedirs(staging)
+        for name, data in files.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
+            os.chmod(os.path.join(staging, name), 0o644)
+        planted = os.path.join(victim_dir, os.path.basename(_step_dirs(template)[99]))
+        as_nobody(COPY, staging, planted)
+        _restore(victim_dir)
+        if os.path.exists(marker):
+            ran.append(variant)
+            os.unlink(marker)
+        shutil.rmtree(planted)
+    assert not ran, f"restoring a planted step ran the payload: {ran}"
 
 
 def test_index_with_a_recomputed_crc_is_refused(arena, tmp_path):
