@@ -28,7 +28,6 @@ between the old ranks (detected from the indexes: same JSON, same tensor CRCs, o
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 

@@ -528,7 +528,8 @@ def write_blob(path: str, index: RankIndex, data: np.ndarray) -> None:
     header = encode_index(index)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(_BLOB_MAGIC + len(header).to_bytes(8, "little") + header)
             f.write(memoryview(data[:index.nbytes]))
             f.flush()

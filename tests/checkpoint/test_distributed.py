@@ -74,7 +74,8 @@ def test_peer_and_parity_recover_a_lost_rank(tmp_path):
 def _save_world(rank, world, directory):
     model, opt, own = _state(rank, fill=rank + 1)
     ck = Checkpointer(directory, levels=("disk",))
-    ck.save(5, {"model": model, "optimizer": opt, "own": own, "rank_note": {"rank": rank}})
+    comp = {"step": 5, "state": {"layer0": {"e": torch.full((3,), float(rank))}}}   # error buffers differ per rank
+    ck.save(5, {"model": model, "optimizer": opt, "own": own, "rank_note": {"rank": rank}, "comp": comp})
     ck.close()
 
 
@@ -85,14 +86,14 @@ def _load_world(rank, world, directory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ck = Checkpointer(directory, levels=("disk",))
-        note = {}
-        step = ck.restore({"model": model, "optimizer": opt, "own": own, "rank_note": note})
+        note, comp = {}, {"step": 0, "state": {}}
+        step = ck.restore({"model": model, "optimizer": opt, "own": own, "rank_note": note, "comp": comp})
     msgs = [str(w.message) for w in caught if issubclass(w.category, CheckpointFallbackWarning)]
     ck.close()
     return {"step": step, "model_ok": all(torch.equal(a, b) for a, b in zip(model.parameters(), model_ref.parameters())),
             "adam_ok": torch.equal(opt.state_dict()["state"][1]["exp_avg_sq"], opt_ref.state_dict()["state"][1]["exp_avg_sq"]),
             "own_kept_live": torch.equal(own.detach(), torch.zeros_like(own)),
-            "note": note, "warned": msgs}
+            "note": note, "comp": comp, "warned": msgs}
 
 
 def test_resume_at_another_world_size(tmp_path):
@@ -103,6 +104,8 @@ def test_resume_at_another_world_size(tmp_path):
             assert r["step"] == 5 and r["model_ok"] and r["adam_ok"], (world, rank, r)
             assert r["own_kept_live"], (world, rank, r)      # per-rank: re-initialised (live value kept)
             assert r["note"] == {}, r            # differed between the saving ranks: per-rank, re-initialised
+            assert r["comp"] == {"step": 5, "state": {}}, r     # equal entries kept, per-rank buffers re-initialised
             warned = [m for m in r["warned"] if "world size 2" in m]
-            assert len(warned) == 1 and all(p in warned[0] for p in ("own", "rank_note", "__rng__")), r["warned"]
+            assert len(warned) == 1 and all(p in warned[0] for p in ("own", "rank_note", "__rng__", "comp/state")), \
+                r["warned"]
     shutil.rmtree(directory)
