@@ -13,7 +13,9 @@
   larger ones cross the link; both are timed as above, and one extra all-to-all over a group with
   one rank per node times the link alone. ``measured["intra_node_bandwidth"]``,
   ``measured["inter_node_bandwidth"]`` (per group size) and ``measured["link_bandwidth"]`` report
-  them separately; the plan uses v_d of the group size it places, so it sees both.
+  them separately; the plan uses v_d of the group size it places, so it sees both. Groups that
+  cross the link are timed at ``inter_payload_bytes`` (1 and 8 MiB): at 16 KiB a 1 Gbit/s link
+  is all latency and scheduling noise.
 - a3: bytes one token sends through Ulysses' all-to-alls, counted from the attention modules
   (q, k, v and output, forward and backward) -- exact, not fitted.
 - memory: bytes autograd saves for backward per token (``saved_tensors_hooks`` at the longest
@@ -118,7 +120,8 @@ def _link_bandwidth(group_pool, world: int, ranks_per_node: int, payload_bytes, 
 
 def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int = 3, vocab: int | None = None,
               payload_bytes=(1 << 14, 1 << 20), device_bytes: float | None = None, a3: float | None = None,
-              name: str = "calibrated", in_situ_check: bool = True, ranks_per_node: int | None = None) -> CostModel:
+              name: str = "calibrated", in_situ_check: bool = True, ranks_per_node: int | None = None,
+              inter_payload_bytes=(1 << 20, 1 << 23)) -> CostModel:
     """Collective over ``group_pool.parent``. ``model`` must already run under Ulysses modules whose
     group is a one-rank group (as :class:`AdaptiveExecutor` leaves it) or plain local attention."""
     if len(lengths) < 3:
@@ -147,10 +150,13 @@ def calibrate(model, group_pool, *, lengths=(128, 256, 512, 1024), repeats: int 
     size = 2
     while size <= world:
         _, sub = group_pool.containing(rank, size)
-        bandwidth[size], latency = _a2a_bandwidth(sub, size, payload_bytes, repeats, group)
+        # across a link, small payloads are all latency and noise: time larger ones there
+        payloads = payload_bytes if size <= ranks_per_node else inter_payload_bytes
+        bandwidth[size], latency = _a2a_bandwidth(sub, size, payloads, repeats, group)
         latencies.append(latency)
         size *= 2
-    link = _link_bandwidth(group_pool, world, ranks_per_node, payload_bytes, repeats) if world > ranks_per_node else None
+    link = (_link_bandwidth(group_pool, world, ranks_per_node, inter_payload_bytes, repeats)
+            if world > ranks_per_node else None)
     intra = {d: v for d, v in bandwidth.items() if d <= ranks_per_node}
     inter = {d: v for d, v in bandwidth.items() if d > ranks_per_node}
     n_layers = len(_attention_modules(model)) or 1
