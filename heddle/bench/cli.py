@@ -13,7 +13,6 @@ Multi-node: run the same command on every node with --nnodes, --node-rank, --mas
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -57,14 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"heddle bench: {e}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"heddle bench {scenario.name}", description=scenario.help)
+    from heddle.launch.options import OneLineParser
+
+    parser = OneLineParser(prog=f"heddle bench {scenario.name}", description=scenario.help)
     runner.add_common_options(parser)
     scenario.add_options(parser)
     options = parser.parse_args(argv[1:])
-    try:
+    try:  # in the launcher, before any worker starts: one line, not a traceback per rank
         runner.check_common_options(options)
-    except ValueError as e:
-        parser.error(str(e))
+        scenario.check_options(options)
+    except (ValueError, TypeError) as e:
+        print(f"heddle bench {scenario.name}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return runner.run(scenario, options, argv)
 
 

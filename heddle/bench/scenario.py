@@ -82,6 +82,10 @@ class Scenario:
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         """Scenario-specific command-line options."""
 
+    def check_options(self, options) -> None:
+        """Raise ValueError for a bad option value; called by ``heddle bench`` before any worker
+        starts, so a typo is one line instead of a traceback from every rank."""
+
     def cases(self, options) -> list[dict]:
         """The variants compared side by side (e.g. heddle vs a peer); one row each."""
         return [{}]

@@ -136,3 +136,18 @@ def test_one_node_store_listens_on_loopback_only():
 def test_exit_codes():
     assert exit_code(3) == 3 and exit_code(0) == 0
     assert exit_code(-9) == 137 and exit_code(-15) == 143
+
+
+def test_bench_checks_options_before_workers(tmp_path, capsys):
+    from heddle.bench.cli import main as bench_main
+
+    assert bench_main(["collectives", "--nproc", "2", "--ops", "all_reduc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ops='all_reduc': unknown ['all_reduc']" in err, err
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"moe": {"num_expert": 4}}))
+    assert bench_main(["training", "--nproc", "2", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key 'num_expert' in section 'moe'" in err, err
+    assert bench_main(["training", "--nproc", "2", "--config", '{"compresion": {}}']) == 2
+    assert "'compresion'" in capsys.readouterr().err

@@ -207,14 +207,23 @@ class Collectives(Scenario):
             raise ValueError(f"--ops={options.ops!r}: unknown {unknown}; valid: all, {', '.join(ops)}")
         return {name: ops[name] for name in names}
 
-    def run(self, ctx: BenchContext, options) -> list[dict]:
-        dtype = DTYPES[options.dtype]
+    def check_options(self, options) -> None:
+        self.selected_ops(options)
+        self._check_values(options)
+        size_sweep(options.min_bytes, options.max_bytes, options.factor)
+
+    @staticmethod
+    def _check_values(options) -> None:
         if options.iters < 1:
             raise ValueError(f"--iters={options.iters} must be >= 1")
         if not 0 < options.compress_density <= 1:
             raise ValueError(f"--compress-density={options.compress_density} must be in (0, 1]")
         if not 0 <= options.sparse_fraction <= 1:
             raise ValueError(f"--sparse-fraction={options.sparse_fraction} must be in [0, 1]")
+
+    def run(self, ctx: BenchContext, options) -> list[dict]:
+        dtype = DTYPES[options.dtype]
+        self._check_values(options)
         sizes = size_sweep(options.min_bytes, options.max_bytes, options.factor)
         rows = []
         for name, (build, bus_op) in self.selected_ops(options).items():

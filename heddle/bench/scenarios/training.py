@@ -159,6 +159,14 @@ class Training(Scenario):
             out.append({"config": label, "model": model, "trainer": trainer})
         return out
 
+    def check_options(self, options) -> None:
+        """Every --config, through heddle.config (unknown keys name their section), before workers."""
+        from heddle.config import load_config
+
+        for case in self.cases(options):
+            load_config(case["trainer"])
+            self._model_config(options, case["model"])
+
     def _model_config(self, options, overrides: dict) -> GPTConfig:
         base = dict(d_model=options.d_model, n_layers=options.layers, n_heads=options.heads,
                     max_seq_len=options.seq_len)
