@@ -360,6 +360,20 @@ def _f(v, digits=3):
     return str(v)
 
 
+def _steps_to_target(row, rows):
+    """Steps until the 5-step running mean of the loss reaches fp32 seed 0's final running mean
+    (same part and link rate); None if never within the run."""
+    def running(curve):
+        curve = json.loads(curve) if isinstance(curve, str) else curve
+        return [statistics.mean(curve[i - 4:i + 1]) for i in range(4, len(curve))]
+    ref = next((r for r in rows if r["config"] in ("fp32", "fsdp fp32") and r["seed"] == 0
+                and r["part"] == row["part"] and r["link_rate"] == row["link_rate"]), None)
+    if ref is None or "curve" not in row:
+        return None
+    target = running(ref["curve"])[-1]
+    return next((i + 5 for i, v in enumerate(running(row["curve"])) if v <= target), None)
+
+
 def _table(header, lines):
     out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(_f(c) for c in line) + " |" for line in lines]
@@ -381,14 +395,20 @@ def markdown(rows) -> str:
         sub = [r for r in rows if r["part"] == part and "steps_per_s" in r]
         if not sub:
             continue
-        lines = [(r["link_rate"], r["config"], r["seed"], r["steps_per_s"], r["speedup_vs_fp32"], r["backward_sync_s"],
-                  r["backward_sync_vs_fp32"], r["bytes_sent_per_step"] / 1e3, r["time_to_target_s"], r["val_loss"],
-                  f"{r['fp32_val_min']:.4f}..{r['fp32_val_max']:.4f}", r["val_in_spread"]) for r in sub]
+        lines = []
+        for r in sub:
+            to = _steps_to_target(r, rows)
+            lines.append((r["link_rate"], r["config"], r["seed"], r["steps_per_s"], r["speedup_vs_fp32"],
+                          r["backward_sync_s"], r["backward_sync_vs_fp32"], r["bytes_sent_per_step"] / 1e3,
+                          to, to / r["steps_per_s"] if to else None, f"{r['val_loss']:.4f}",
+                          f"{r['fp32_val_min']:.4f}..{r['fp32_val_max']:.4f}",
+                          "in" if r["val_in_spread"] else ("below" if r["val_loss"] < r["fp32_val_min"] else "above")))
         note = (" (kB sent/step: the CommLedger's count; FSDP2's own all-gathers and plain reduce-scatters do "
                 "not go through heddle.dist and are not in it)" if part == "fsdp" else "")
         out += ["", f"{title}, measured, 2 nodes x 1 proc{note}:", "",
                 _table(["link", "config", "seed", "steps/s", "x fp32", "bwd+sync s", "fp32 bwd+sync / this",
-                        "kB sent/step", "s to fp32 loss", "val loss", "fp32 val spread", "in spread"], lines)]
+                        "kB sent/step", "steps to fp32 loss", "s to fp32 loss", "val loss", "fp32 val spread",
+                        "vs spread"], lines)]
     checks = [(r["link_rate"], r["part"], r["ledger_MB"], r["wire_MB"], r["wire_over_ledger"])
               for r in rows if r.get("config") == "bytes: link vs ledger"]
     if checks:
