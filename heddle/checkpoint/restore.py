@@ -329,8 +329,6 @@ def _exchange(ckpt, plan: _Plan, held: dict, holder_of: dict, failed: bool) -> d
 
 
 def _assemble(plan: _Plan, base: int, replicated: list, got: dict) -> dict:
-    from torch.distributed.tensor import DTensor
-
     def tensor(r, i):
         e = plan.indexes[r].entries[i]
         return got[(r, i)].view(codec.torch_dtype(e.dtype)).view(e.shape)
@@ -350,6 +348,7 @@ def _assemble(plan: _Plan, base: int, replicated: list, got: dict) -> dict:
                                     f"{out.numel()} elements this rank needs")
         if target is None:
             return out
+        from torch.distributed.tensor import DTensor
         mesh, placements, stride = target
         return DTensor.from_local(out, mesh, placements, run_check=False, shape=torch.Size(node["shape"]),
                                   stride=stride)

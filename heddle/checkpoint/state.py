@@ -28,6 +28,7 @@ between the old ranks (detected from the indexes: same JSON, same tensor CRCs, o
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +43,10 @@ RNG_KEY = "__rng__"
 
 
 def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:   # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    # no import here: a DTensor can only exist once torch.distributed.tensor was imported (the
+    # import costs ~0.5 s of CPU, too much for the first save() of a run that has none)
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, getattr(module, "DTensor", ()))
 
 
 @dataclass
