@@ -1,14 +1,11 @@
 """Apply MoE to a model in place (torchtitan style): every ``block.mlp`` becomes a :class:`MoE`.
 
-The optimizer a user built before the swap still lists the dense MLP's parameters;
-:func:`swap_optimizer_params` takes them out and puts the MoE layers' parameters (router and every
-expert's fixed Parameter object, owned or empty) in the param group that held them. Ownership
-moves later change the Parameters' data, never the objects, so the optimizer stays valid.
+Build the optimizer after this (the Trainer takes an optimizer factory and does): it then lists
+the MoE layers' parameters (router and every expert's fixed Parameter object, owned or empty).
+Ownership moves later change the Parameters' data, never the objects, so the optimizer stays valid.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -46,20 +43,3 @@ def replace_mlps(model: nn.Module, *, num_experts: int, top_k: int = 2, group=No
     if not swapped:
         raise ValueError(f"{type(model).__name__} has no submodule with an `mlp` attribute to replace")
     return swapped
-
-
-def swap_optimizer_params(optimizer: torch.optim.Optimizer, old: Sequence[nn.Parameter],
-                          new: Sequence[nn.Parameter]) -> None:
-    """Remove ``old`` parameters (and their state) from ``optimizer``; add ``new`` to the param
-    group that held the first old parameter (group 0 if none did)."""
-    old_ids = {id(p) for p in old}
-    home = None
-    for i, group in enumerate(optimizer.param_groups):
-        kept = [p for p in group["params"] if id(p) not in old_ids]
-        if len(kept) != len(group["params"]) and home is None:
-            home = i
-        group["params"] = kept
-    for p in old:
-        optimizer.state.pop(p, None)
-    present = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    optimizer.param_groups[home or 0]["params"].extend(p for p in new if id(p) not in present)
