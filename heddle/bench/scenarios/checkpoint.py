@@ -203,10 +203,15 @@ def train_case(size_mb: float, every: int, method: str, steps: int, root: str, g
                    lazy_wait_median_s=summarize(waits)["median_s"] if waits else 0.0)
     if saver.durable:
         row["save_to_durable_s"] = summarize(saver.durable)["median_s"]
-    if method.startswith("heddle"):
-        row.update(recovery_rows(saver.ckpt, directory, model, opt, group))
-        saver.ckpt.close(shutdown_keeper_process=True)
     rank, world = hd.group_rank_size(group)
+    if method.startswith("heddle"):
+        saver.ckpt.close()   # one live Checkpointer per directory; the keeper keeps the memory level
+        row.update(recovery_rows(saver.ckpt, directory, model, opt, group))
+        if world > 1:
+            hd.barrier(group=group)
+        if rank % saver.ckpt.ranks_per_node == 0:
+            from heddle.checkpoint import shutdown_keeper
+            shutdown_keeper(saver.ckpt.shm_root)
     if world > 1:
         hd.barrier(group=group)
     if rank == 0:
