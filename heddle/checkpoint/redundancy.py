@@ -15,7 +15,10 @@ Losing rank j's memory loses its data chunks and P_j, and for every s != j
 
 so every survivor r sends rank j one W-1 block tensor (P_r in block r's stripe, its own chunk
 elsewhere) and rank j XORs them: memory cost C = L/(W-1) per rank instead of L for a full copy.
-One lost rank per group is recoverable.
+One lost rank per group is recoverable. With several ranks per node the RAID-5 group is a
+*stripe* of one rank per node (the ranks with the same local index, :class:`_Stripe`), so losing a
+whole node costs every stripe one member and stays recoverable; with one rank per node (or a
+world that is not whole nodes) the stripe is the whole group.
 """
 
 from __future__ import annotations
@@ -103,6 +106,31 @@ def _chunk_of(r: int, s: int) -> int:
     return s if s < r else s - 1
 
 
+class _Stripe:
+    """This rank's parity group: ``members`` (ranks of the checkpoint group), ``rank`` (its index
+    there), ``world_size`` and ``group`` (a process group over them, or the checkpoint's group)."""
+
+    def __init__(self, ckpt):
+        W, per_node = ckpt.world_size, ckpt.ranks_per_node
+        nodes = W // per_node if per_node > 0 else 0
+        if per_node > 1 and W % per_node == 0 and nodes >= 2:
+            local = ckpt.rank % per_node
+            self.members = [local + k * per_node for k in range(nodes)]
+            # only the stripe's members create (and synchronise on) its group; hashed name
+            self.group = dist.new_group([_global(ckpt, r) for r in self.members], backend="gloo",
+                                        use_local_synchronization=True)
+        else:
+            self.members, self.group = list(range(W)), ckpt.group
+        self.rank, self.world_size = self.members.index(ckpt.rank), len(self.members)
+
+
+def _stripe(ckpt) -> _Stripe:
+    stripe = getattr(ckpt, "_parity_stripe", None)
+    if stripe is None:
+        stripe = ckpt._parity_stripe = _Stripe(ckpt)
+    return stripe
+
+
 def protect(ckpt, snap) -> None:
     """Collective: add the redundancy for memory snapshot ``snap`` (held by every rank)."""
     W, me, step = ckpt.world_size, ckpt.rank, snap.step
@@ -120,8 +148,10 @@ def protect(ckpt, snap) -> None:
         _exchange(ckpt, [(dst, idx_out), (dst, data)], [(src, idx_in), (src, buf_in[:int(size_in[1])])])
         ckpt.keeper.request("commit", src, "peer", step, path, bytes(idx_in.numpy()))
         return
-    sizes = [s[0] for s in _all_gather_ints(ckpt, [data.numel()])]
-    indexes = _all_gather_bytes(ckpt, index_bytes)
+    stripe = _stripe(ckpt)   # the RAID-5 group: one rank per node (W, me are stripe-local from here)
+    W, me = stripe.world_size, stripe.rank
+    sizes = [s[0] for s in _all_gather_ints(stripe, [data.numel()])]
+    indexes = _all_gather_bytes(stripe, index_bytes)
     C = _layout(sizes, W)
     send = torch.zeros(W * C, dtype=torch.uint8)
     for s in range(W):
@@ -131,7 +161,7 @@ def protect(ckpt, snap) -> None:
             if piece.numel() > 0:
                 send[s * C:s * C + piece.numel()] = piece
     recv = torch.empty(W * C, dtype=torch.uint8)
-    hd.all_to_all_single(recv, send, group=ckpt.group)
+    hd.all_to_all_single(recv, send, group=stripe.group)
     blocks = recv.view(W, C // 8, 8).view(torch.int64).view(W, C // 8)
     parity = torch.zeros(C // 8, dtype=torch.int64)
     for r in range(W):
@@ -141,7 +171,7 @@ def protect(ckpt, snap) -> None:
     ckpt.keeper.request("invalidate", path)
     _shm_tensor(path, C).copy_(parity.view(torch.uint8))
     meta = _meta_bytes({"C": C, "sizes": sizes, "indexes": indexes})
-    ckpt.keeper.request("commit", me, "parity", step, path, meta)
+    ckpt.keeper.request("commit", ckpt.rank, "parity", step, path, meta)
 
 
 def recover(ckpt, step: int, missing: list[int], entries: list, own_buf):
@@ -184,10 +214,13 @@ def recover(ckpt, step: int, missing: list[int], entries: list, own_buf):
         if me in holder_of:
             return decode_index(bytes(idx_in.numpy()), f"peer copy of rank {me}"), buf_in, "peer"
         return None
-    # parity: one missing rank per group
-    parity = {s: (p, meta) for r, kind, s, p, meta in entries if kind == "parity" and r == me}
+    # parity: one missing rank per stripe (W, me and missing are stripe-local from here)
+    stripe = _stripe(ckpt)
+    W, me = stripe.world_size, stripe.rank
+    missing = [stripe.members.index(m) for m in missing if m in stripe.members]
+    parity = {s: (p, meta) for r, kind, s, p, meta in entries if kind == "parity" and r == ckpt.rank}
     ready = int(len(missing) == 1 and me not in missing and own_buf is not None and step in parity)
-    flags = [f[0] for f in _all_gather_ints(ckpt, [ready])]
+    flags = [f[0] for f in _all_gather_ints(stripe, [ready])]
     if len(missing) != 1 or not all(flags[r] for r in range(W) if r != missing[0]):
         return None
     j = missing[0]
@@ -207,12 +240,12 @@ def recover(ckpt, step: int, missing: list[int], entries: list, own_buf):
         info = _meta_bytes({"C": C, "size": meta["sizes"][j], "index": meta["indexes"][j]})
     else:
         block, info = torch.zeros(0, dtype=torch.uint8), b""
-    infos = _all_gather_bytes(ckpt, info)
+    infos = _all_gather_bytes(stripe, info)
     C = _meta(infos[(j + 1) % W], f"parity rebuild of rank {j}")["C"]
     recv = torch.empty(((W - 1) * (W - 1) * C) if me == j else 0, dtype=torch.uint8)
     in_splits = [block.numel() if r == j else 0 for r in range(W)]
     out_splits = [((W - 1) * C if (me == j and r != j) else 0) for r in range(W)]
-    hd.all_to_all_single(recv, block, output_split_sizes=out_splits, input_split_sizes=in_splits, group=ckpt.group)
+    hd.all_to_all_single(recv, block, output_split_sizes=out_splits, input_split_sizes=in_splits, group=stripe.group)
     if me != j:
         return None
     meta = _meta(infos[(j + 1) % W], f"parity rebuild of rank {j}")
