@@ -144,6 +144,7 @@ def _fill_disk(leave):
     _events.write(f"filled the disk: {leave} bytes left\n")
 
 import heddle.checkpoint as _hc
+import torch.distributed.tensor   # noqa: F401 - the save path imports it lazily; "ready" means ready
 _save = _hc.Checkpointer.save
 _saves = [0]
 _keeper_killed = [None]
@@ -221,8 +222,9 @@ def _tmpfs(path: str, nbytes: int):
 def _start(trial: Trial) -> None:
     env = {**os.environ, "HEDDLE_FAULT": json.dumps({"kind": trial.kind, "nth": trial.nth, "max_saves": MAX_SAVES,
                                                      "leave": DISK_LEFT})}
-    trial.proc = subprocess.Popen([sys.executable, "-c", PREFIX + CHILD, trial.directory, trial.log], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(trial.log + ".err", "w") as err:   # a file: a full stderr pipe would stall the trainer
+        trial.proc = subprocess.Popen([sys.executable, "-c", PREFIX + CHILD, trial.directory, trial.log], env=env,
+                                      stdout=subprocess.PIPE, stderr=err, text=True)
 
 
 def _wait_ready(batch: list[Trial], deadline: float) -> None:
@@ -233,6 +235,46 @@ def _wait_ready(batch: list[Trial], deadline: float) -> None:
         readable, _, _ = select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))
         for fd in readable:
             waiting.pop(fd).proc.stdout.readline()    # "ready", or "" at exit
+
+
+def _progress(trial: Trial) -> int:
+    """Bytes the trainer has logged so far (a line per save, the fault events)."""
+    total = 0
+    for path in (trial.log, trial.log + ".events"):
+        try:
+            total += os.path.getsize(path)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _wait_done(batch: list[Trial], timeout: float) -> None:
+    """Wait for every trainer to end; one that logs nothing new for ``timeout`` seconds is hung:
+    its stacks are dumped (faulthandler, SIGUSR1) and it is killed."""
+    seen = {id(t): (_progress(t), time.monotonic()) for t in batch}
+    while any(t.proc.poll() is None for t in batch):
+        now = time.monotonic()
+        for t in batch:
+            if t.proc.poll() is not None:
+                continue
+            size = _progress(t)
+            if size != seen[id(t)][0]:
+                seen[id(t)] = (size, now)
+            elif now - seen[id(t)][1] > timeout:
+                t.proc.send_signal(signal.SIGUSR1)    # faulthandler: every thread's stack
+                time.sleep(1.0)                       # let it write them; then kill
+                t.proc.kill()
+                t.proc.wait()
+                t.hung = True
+                stderr = "\n".join(_read(t.log + ".err"))
+                main = stderr.rsplit("Current thread", 1)[-1]     # the trainer's own thread
+                stacks = [x.strip() for x in main.splitlines() if x.strip().startswith("File ")]
+                t.notes.append(f"trainer hung: nothing logged for {timeout:.0f}s, killed; innermost frames: "
+                               f"{stacks[:3]}")
+        time.sleep(0.2)   # polling the trainers' logs, not synchronising with them
+    for t in batch:
+        t.proc.communicate()
+        t.stderr = "\n".join(_read(t.log + ".err"))
 
 
 def _read(path: str) -> list[str]:
@@ -340,7 +382,7 @@ def _cleanup(trial: Trial) -> None:
 
 def run_trials(trials: list[Trial], root: str, *, parallel: int = 8, timeout: float = 60.0) -> list[Trial]:
     """Run the trials ``parallel`` at a time under ``root``; every trial is evaluated and cleaned.
-    A trainer still running ``timeout`` seconds after every one of the batch was ready is hung."""
+    A trainer that logs nothing new (no save, no fault event) for ``timeout`` seconds is hung."""
     for start in range(0, len(trials), parallel):
         batch = trials[start:start + parallel]
         with ExitStack() as stack:
@@ -354,20 +396,7 @@ def run_trials(trials: list[Trial], root: str, *, parallel: int = 8, timeout: fl
                 trial.directory, trial.log = os.path.join(base, "ckpt"), os.path.join(base, "log")
                 _start(trial)
             _wait_ready(batch, time.monotonic() + READY_TIMEOUT)
-            deadline = time.monotonic() + timeout     # from here on the faults fire within seconds
-            for trial in batch:
-                try:
-                    _, trial.stderr = trial.proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    trial.proc.send_signal(signal.SIGUSR1)     # faulthandler: every thread's stack
-                    time.sleep(1.0)                            # let it write them; then kill
-                    trial.proc.kill()
-                    _, trial.stderr = trial.proc.communicate()
-                    trial.hung = True
-                    main = trial.stderr.rsplit("Current thread", 1)[-1]     # the trainer's own thread
-                    stacks = [x.strip() for x in main.splitlines() if x.strip().startswith("File ")]
-                    trial.notes.append(f"trainer hung: still running after {timeout:.0f}s, killed; "
-                                       f"innermost frames: {stacks[:3]}")
+            _wait_done(batch, timeout)
             for trial in batch:
                 _evaluate(trial)
     return trials
@@ -411,7 +440,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds after a batch is ready before a trainer counts as hung")
+                        help="seconds without a new save before a trainer counts as hung")
     parser.add_argument("--verbose", action="store_true", help="one line per trial")
     args = parser.parse_args(argv)
     if args.trials < 1:

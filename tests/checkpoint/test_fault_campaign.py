@@ -12,7 +12,7 @@ QUICK = [("snapshot", 5), ("flush", 17), ("commit", 6), ("commit-after", 3), ("r
 
 def test_quick_fault_campaign(tmp_path):
     trials = run_trials([Trial(kind, nth) for kind, nth in QUICK], str(tmp_path), parallel=len(QUICK),
-                        timeout=30.0)
+                        timeout=60.0)
     report = table(trials) + "\n" + details(trials)
     failures = []
     for t in trials:
