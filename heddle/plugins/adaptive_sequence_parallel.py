@@ -67,8 +67,13 @@ class Plugin(TrainerPlugin):
         self.executor = AdaptiveExecutor(trainer.module, group=trainer.group)
         cfg = self.config
         if cfg.cost_model == "calibrate":
-            self.cost_model = CostModel.calibrate(trainer.module, self.executor.pool, lengths=cfg.calibration_lengths,
-                                                  device_bytes=cfg.device_bytes)
+            from heddle.progress import progress
+
+            # tens of seconds on a CPU: say so on rank 0 instead of going quiet before step 1
+            with progress(f"heddle: calibrating the adaptive-SP cost model on {trainer.world_size} rank(s), "
+                          f"lengths {tuple(cfg.calibration_lengths)}", enabled=trainer.rank == 0):
+                self.cost_model = CostModel.calibrate(trainer.module, self.executor.pool,
+                                                      lengths=cfg.calibration_lengths, device_bytes=cfg.device_bytes)
         elif cfg.cost_model in PRESETS:
             self.cost_model = CostModel.preset(cfg.cost_model)
         elif os.path.exists(cfg.cost_model):
