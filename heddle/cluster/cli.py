@@ -66,7 +66,10 @@ def _run(argv: list[str]) -> int:
             print(f"heddle cluster: {result.attempts} attempt(s), exit codes {result.returncodes}")
             return 0 if result.ok else 1
     except netns.ClusterUnavailable as e:
-        print(f"heddle cluster: {e}", file=sys.stderr)
+        print(str(e), file=sys.stderr)
+        return 2
+    except ValueError as e:   # bad --rate / --delay / --nodes ...
+        print(f"heddle cluster run: {e}", file=sys.stderr)
         return 2
 
 
