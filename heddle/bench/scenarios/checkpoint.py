@@ -144,6 +144,8 @@ def shared_tempdir(parent: str | None, prefix: str, group) -> str:
     import torch.distributed as dist
 
     rank, world = hd.group_rank_size(group)
+    if rank == 0 and parent is not None:
+        os.makedirs(parent, exist_ok=True)  # --dir X: X need not exist yet
     holder = [tempfile.mkdtemp(dir=parent, prefix=prefix) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0) if group else 0, group=group)
