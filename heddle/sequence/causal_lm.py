@@ -98,6 +98,9 @@ def shard_for_causal_lm(input_ids: torch.Tensor, group=None, *, labels: torch.Te
     local_mask = None
     if attention_mask is not None:
         local_mask, _ = shard_sequence(attention_mask, group, 1, pad_value=0)
+    # contiguous: narrow() views of [b, s] rows are strided, and HF's loss calls .view(-1) on them
+    local_ids, local_pos, local_targets = local_ids.contiguous(), local_pos.contiguous(), local_targets.contiguous()
+    local_mask = None if local_mask is None else local_mask.contiguous()
     return CausalLMShard(input_ids=local_ids, position_ids=local_pos, labels=local_targets,
                          attention_mask=local_mask, num_tokens=num_tokens,
                          local_tokens=int((local_targets != ignore_index).sum()), shard=shard)

@@ -183,11 +183,15 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
 
     def attend(qf, kf, vf):  # [b, s, h_me, d] views -> [b, s, h_me, d]
         qf, kf, vf = qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2)
-        repeat = qf.shape[1] // kf.shape[1]
-        if repeat > 1:  # GQA inside this rank's heads (HF's repeat_kv)
-            kf, vf = kf.repeat_interleave(repeat, dim=1), vf.repeat_interleave(repeat, dim=1)
+        gqa = {}
+        if qf.shape[1] != kf.shape[1]:  # GQA inside this rank's heads, as HF's sdpa chooses
+            if mask is None:
+                gqa["enable_gqa"] = True
+            else:
+                repeat = qf.shape[1] // kf.shape[1]
+                kf, vf = kf.repeat_interleave(repeat, dim=1), vf.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, dropout_p=p,
-                                             is_causal=mask is None and causal, scale=scaling)
+                                             is_causal=mask is None and causal, scale=scaling, **gqa)
         return out.transpose(1, 2)
 
     return ulysses.run(q, k, v, attend).to(out_dtype), None
