@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from heddle.checkpoint import Checkpointer
+from heddle.dist import is_sharded
 from heddle.plugins.base import TrainerPlugin
 
 
@@ -55,6 +56,17 @@ class Plugin(TrainerPlugin):
     def state(self, trainer) -> dict:
         return {"model": trainer.module, "optimizer": trainer.optimizer, "trainer": trainer, **trainer.stateful}
 
+    @staticmethod
+    def replicated(trainer) -> tuple[str, ...]:
+        """Keys identical on every rank, saved once: the model and optimizer under DDP without
+        heddle-sharded parameters (every rank applies the same summed gradients). FSDP2 state is
+        DTensor shards; per-rank plugin state (error feedback) lives in "trainer"."""
+        if trainer.world_size == 1 or trainer.config.data_parallel != "ddp":
+            return ()
+        if any(is_sharded(p) for p in trainer.module.parameters()):
+            return ()
+        return ("model", "optimizer")
+
     def resume(self, trainer, *, step: int | None = None) -> int | None:
         """Load the newest valid checkpoint (collective); returns its step or None."""
         return self.checkpointer.restore(self.state(trainer), step=step)
@@ -67,7 +79,7 @@ class Plugin(TrainerPlugin):
     def after_optimizer_step(self, trainer) -> None:
         if trainer.step_count % self.config.every == 0:
             start = time.perf_counter()
-            self.checkpointer.save(trainer.step_count, self.state(trainer))
+            self.checkpointer.save(trainer.step_count, self.state(trainer), replicated=self.replicated(trainer))
             self.stall_s += time.perf_counter() - start
             self.saves += 1
 

@@ -5,7 +5,9 @@ as possible: one at world 2, one at world 3.
 The single-process references run inside each worker on plain torch (MoE layers on a one-rank
 group), so no extra process is spawned for them."""
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -102,14 +104,23 @@ def _fp16_cases(rank, errors, tmp):
     # the scaler's job); the scale is saved in the checkpoint and restored by resume()
     cfg = dict(precision="fp16", loss_scale=2.0 ** 24, progress=False,
                checkpoint={"directory": tmp, "levels": ("disk",)})
-    trainer, metrics = train(heddle.TrainerConfig(**cfg, on_nonfinite="raise"), 2, model=tiny_gpt().float(),
-                             optimizer_steps=True)
+    logs = tmp + "-logs"
+    trainer, metrics = train(heddle.TrainerConfig(**cfg, on_nonfinite="raise", log_dir=logs), 2,
+                             model=tiny_gpt().float(), optimizer_steps=True)
     assert metrics[0]["skipped"] == 1 and metrics[0]["loss_scale"] == 2.0 ** 23, metrics[0]
     assert trainer.step_count == 2 and all(m["loss"] < 6 for m in metrics)
     scale = trainer.loss_scale
     errors["fp16_skipped_before_first_step"] = float(trainer.skipped_steps)
     trainer.checkpointer.wait()
     trainer.close()
+    if rank == 0:  # rank 0 logs every step's metrics, skipped ones included
+        with open(os.path.join(logs, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        assert len(rows) == len(metrics) and rows[-1]["skipped_steps"] == trainer.skipped_steps
+        for key in ("loss", "tokens_per_s", "grad_norm", "bytes_sent", "checkpoint_stall_s", "skipped_steps"):
+            assert key in rows[-1], (key, sorted(rows[-1]))
+    else:
+        assert not os.path.exists(os.path.join(logs, "rank1"))
     again = heddle.Trainer(tiny_gpt().float(), lambda p: torch.optim.AdamW(p, lr=0.01),
                            config=heddle.TrainerConfig(**cfg))
     assert again.loss_scale == 2.0 ** 24
@@ -137,7 +148,8 @@ def _compression_cases(rank, errors):
 
 def _layout_cases(rank, world, errors):
     trainer = heddle.Trainer(tiny_gpt(), lambda p: torch.optim.SGD(p, lr=0.1),
-                             config=heddle.TrainerConfig(progress=False))
+                             config=heddle.TrainerConfig(progress=False, collective_timeout_s=120))
+    assert trainer.watchdog is not None  # heddle.dist.watchdog, closed by trainer.close()
     lay = trainer.layout  # without the SP section: every rank is its own data-parallel rank
     assert (lay.dp_rank, lay.dp_size, lay.sp_rank, lay.sp_size, lay.sp_group) == (rank, world, 0, 1, None)
     assert trainer.checkpointer is None

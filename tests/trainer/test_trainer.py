@@ -125,3 +125,49 @@ def test_sections_build_plugins():
         _build_plugin("fake_section", {"bogus": 1}, Plugin)
     with pytest.raises(TypeError, match="expected"):
         _build_plugin("fake_section", 3, Plugin)
+
+
+def test_parallel_dims_validate():
+    from heddle.dist.mesh import ParallelDims
+
+    assert ParallelDims.build("fsdp", 8, sp=2) == ParallelDims(1, 4, 2, 8)
+    assert ParallelDims.build("ddp", 8, sp=2) == ParallelDims(4, 1, 2, 8)
+    assert ParallelDims.build("hsdp", 8, sp=2, dp_shard=2) == ParallelDims(2, 2, 2, 8)
+    assert ParallelDims.build("hsdp", 8, dp_replicate=4) == ParallelDims(4, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"dp_replicate=2 x dp_shard=2 x sp=1 = 4 ranks, but the world size is 6"):
+        ParallelDims(2, 2, 1, 6)
+    with pytest.raises(ValueError, match=r"sp=4 must divide the world size 6"):
+        ParallelDims.build("fsdp", 6, sp=4)
+    with pytest.raises(ValueError, match=r"dp_shard=4 must divide world / sp = 6 / 1 = 6"):
+        ParallelDims.build("hsdp", 6, dp_shard=4)
+    with pytest.raises(ValueError, match=r"only data_parallel='hsdp' takes them"):
+        ParallelDims.build("fsdp", 4, dp_shard=2)
+    with pytest.raises(ValueError, match=r"data_parallel='zero3'"):
+        heddle.TrainerConfig(data_parallel="zero3")
+    with pytest.raises(ValueError, match=r"precision='fp8'"):
+        heddle.TrainerConfig(precision="fp8")
+    with pytest.raises(ValueError, match=r"on_nonfinite='ignore'"):
+        heddle.TrainerConfig(on_nonfinite="ignore")
+
+
+def test_train_lm_config_file_and_flag_overrides(tmp_path):
+    """examples/train_lm.py --config FILE: the file's values, with the flags given on the command
+    line on top (flags not given leave the file alone); without a file every flag applies."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "train_lm", os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train_lm.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    path = str(tmp_path / "run.toml")
+    heddle.TrainerConfig(grad_accum_steps=4, max_grad_norm=0.25, data_parallel="fsdp",
+                         moe={"num_experts": 6}).to_file(path)
+    args, given = example.parse_args(["--config", path, "--accum", "2", "--precision", "bf16"])
+    cfg = example.trainer_config(args, given)
+    assert (cfg.grad_accum_steps, cfg.max_grad_norm, cfg.data_parallel, cfg.precision) == (2, 0.25, "fsdp", "bf16")
+    assert cfg.moe.num_experts == 6 and cfg.compression is None
+    args, given = example.parse_args(["--adaptive-sp", "--compress", "identity", "--clip", "0.5"])
+    cfg = example.trainer_config(args, given)
+    assert cfg.adaptive_sequence_parallel is not None and cfg.compression.compressor == "identity"
+    assert cfg.max_grad_norm == 0.5 and cfg.moe is None and cfg.data_parallel == "ddp"
