@@ -90,7 +90,7 @@ def _broadcast_ints(ckpt, values: list[int] | None, n: int) -> list[int]:
 def _keeper_entries(ckpt) -> tuple[dict, list]:
     if ckpt.keeper is None:
         return {}, []
-    entries = ckpt.keeper.request("list")
+    entries = ckpt._keeper_request("list") or []    # a dead keeper: no memory level on this rank
     own = {step: (path, ib) for rank, kind, step, path, ib in entries if kind == "own" and rank == ckpt.rank}
     return own, entries
 
