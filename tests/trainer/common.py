@@ -77,16 +77,20 @@ def max_error(a: dict, b: dict) -> float:
 
 
 def train(config: heddle.TrainerConfig, steps: int, *, model=None, lr: float = LR, lr_scheduler=None,
-          poison=None, fixed_batch: bool = False, optimizer_steps: bool = False) -> tuple[heddle.Trainer, list[dict]]:
+          poison=None, fixed_batch: bool = False, optimizer_steps: bool = False,
+          skip=()) -> tuple[heddle.Trainer, list[dict]]:
     """Train ``steps`` steps through the Trainer on this rank's rows of :func:`global_batch`.
     poison(step, rank) -> True: this rank's loss of that step becomes NaN; fixed_batch: batch 0 every step;
-    optimizer_steps: count applied steps (trainer.step_count), not step() calls."""
+    optimizer_steps: count applied steps (trainer.step_count), not step() calls; skip: batches left out."""
     model = model or tiny_gpt()
     trainer = heddle.Trainer(model, lambda params: torch.optim.AdamW(params, lr=lr), config=config,
                              lr_scheduler=lr_scheduler)
     lay = trainer.layout
     out, step = [], 0
     while (trainer.step_count if optimizer_steps else len(out)) < steps and len(out) < steps + 50:
+        if step in skip:
+            step += 1
+            continue
         x, y = global_batch(0 if fixed_batch else step)
         per = ROWS // lay.dp_size
         rows = slice(lay.dp_rank * per, (lay.dp_rank + 1) * per)
