@@ -188,3 +188,14 @@ def test_ulysses_matches_single_process(world):
     assert done >= 50 and all(r[0] == done for r in results)
     if world == 1:
         assert sent == 0
+
+
+def test_bad_cu_seqlens_raise_value_error():
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    attn = UlyssesAttention()
+    for bad, match in ((torch.tensor([0.0, 4.0, 8.0]), "integer"), (torch.tensor([0, 6, 3, 8]), "non-decreasing"),
+                       (torch.tensor([0, 4, 9]), "exceeds"), (torch.tensor([1, 8]), "1-d")):
+        with pytest.raises(ValueError, match=match):
+            attn(q, q, q, cu_seqlens=bad)
+        with pytest.raises(ValueError, match=match):
+            position_ids_from_cu_seqlens(bad, 8)
