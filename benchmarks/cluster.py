@@ -160,6 +160,61 @@ def _compression_rows(options, fsdp=False):
     return rows
 
 
+HOOK_CASES = [("ddp fp32", None, None), ("quantize:4+econtrol overlapped", "quantize", True),
+              ("quantize:4+econtrol blocking", "quantize", False), ("topk:0.01+ef overlapped", "topk", True),
+              ("topk:0.01+ef blocking", "topk", False), ("powersgd:4+ef overlapped", "powersgd", True),
+              ("powersgd:4+ef blocking", "powersgd", False)]
+
+
+def _hook_rows(options):
+    """Backward+sync time of the compressed DDP hook vs plain DDP, cases interleaved step by step
+    (one round = one step of every case on the same batch), so load drift hits all alike."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from heddle.bench.scenarios._compression_train import corpus
+    from heddle.compress import EControl, ErrorFeedback, GradientCompression, PowerSGD, Quantize, TopK
+    from heddle.data import WindowSampler
+    from heddle.models import GPT, GPTConfig
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model_cfg = dict(GPT_MODEL, d_model=32, n_layers=1) if options.tiny else GPT_MODEL
+    cases = []
+    for name, kind, overlap in HOOK_CASES:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**model_cfg))
+        ddp = DDP(model)
+        if kind is not None:
+            compressor, feedback = {"quantize": (Quantize(4), EControl(0.05)), "topk": (TopK(0.01), ErrorFeedback()),
+                                    "powersgd": (PowerSGD(4), ErrorFeedback())}[kind]
+            comp = GradientCompression(compressor, feedback=feedback, start_iter=2, overlap=overlap).bind(model)
+            ddp.register_comm_hook(comp, comp.hook)
+        cases.append((name, ddp))
+    sampler = WindowSampler(corpus().train, SEQ, BATCH, seed=0, dp_rank=rank, dp_size=world)
+    times = {name: [] for name, _ in cases}
+    rounds = 3 if options.tiny else 12
+    for step in range(rounds + 3):
+        x, y = sampler.next()
+        for name, ddp in cases:
+            loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            loss.backward()
+            elapsed = time.perf_counter() - t0
+            ddp.zero_grad(set_to_none=True)
+            if step >= 3:
+                times[name].append(elapsed)
+    rows = []
+    for name, _ in cases:
+        t = torch.tensor([statistics.median(times[name])], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        rows.append({"part": "hook", "config": name, "backward_sync_s": float(t), "rounds": rounds})
+    base = rows[0]["backward_sync_s"]
+    for r in rows:
+        r["vs_ddp"] = r["backward_sync_s"] / base
+    return rows
+
+
 def _scenario_rows(module, argv, ctx):
     import importlib
     scenario = importlib.import_module(f"heddle.bench.scenarios.{module}").SCENARIO
@@ -245,6 +300,8 @@ def worker(options) -> None:
         elif part == "compression":
             rows += _with_wire_check("compression", lambda: _compression_rows(options), rank, world,
                                      options.nproc_per_node)
+        elif part == "hook":
+            rows += _hook_rows(options)
         elif part == "fsdp":
             rows += _compression_rows(options, fsdp=True)
         elif part == "moe":
@@ -414,6 +471,12 @@ def markdown(rows) -> str:
     if checks:
         out += ["", "Bytes that crossed the link (the nodes' tx counters) vs the CommLedger's count, whole part:", "",
                 _table(["link", "part", "ledger MB", "link MB", "link / ledger"], checks)]
+    hook = [(r["link_rate"], r["config"], r["backward_sync_s"], r["vs_ddp"], r["rounds"])
+            for r in rows if r["part"] == "hook"]
+    if hook:
+        out += ["", "DDP backward+sync of the example GPT, cases interleaved step by step (same batch), "
+                "measured, 2 x 1 (median over rounds, slowest rank):", "",
+                _table(["link", "hook", "backward+sync s", "/ plain DDP", "rounds"], hook)]
     moe = [(r["link_rate"], r["config"], r["median_s"], r.get("vs_ep"), r.get("max_over_mean"), r.get("spag_MB"),
             r.get("lambda")) for r in rows if r["part"] == "moe" and "median_s" in r]
     if moe:
@@ -439,7 +502,7 @@ def main(argv=None):
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--rates", default="1gbit,10gbit,25gbit")
     p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--parts", default="link,compression,fsdp,moe,ulysses,adaptive")
+    p.add_argument("--parts", default="link,hook,compression,fsdp,moe,ulysses,adaptive")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny sizes: check that every part runs")

@@ -9,8 +9,13 @@ Per bucket the hook:
 2. advances the two-phase exchanges of earlier buckets (PowerSGD: sum Q needs sum P, so bucket
    i-1's second phase is issued at bucket i, after its first phase overlapped bucket i's
    backward); at the last bucket every pending phase is issued;
-3. returns a future that completes in the collective's callback, where the payloads are decoded,
-   the feedback updates its (staged) buffers and the bucket buffer is filled.
+3. returns a future for the bucket. By default the payloads are decoded at the last bucket, on
+   the hook's thread, for all buckets in order (the feedback updates its staged buffers and the
+   bucket buffers are filled): the wire never waits for a decode. With
+   ``decode_in_callback=True`` each bucket is decoded in its collective's callback instead
+   (overlapping decode with backward: good where the callback thread has a core to itself; on a
+   CPU box with busy cores, gloo runs the callback on its worker thread and the next bucket's
+   transfer waits behind the decode, measured slower, docs/compress.md).
 
 Collectives are issued only in steps 1-2, on the hook's thread, in bucket order: the sequence is
 the same on every rank whatever the timing. Callbacks (step 3) issue none. The last bucket's
@@ -97,7 +102,7 @@ class BucketPipeline:
         self._watch_issued()
         for ex in exchanges:
             if ex.issued:
-                job.watch(ex)
+                self._watch(job, ex)
             else:
                 self.pending.append(ex)
                 self.owner[id(ex)] = job
@@ -113,6 +118,15 @@ class BucketPipeline:
             return job.future
         jobs, self.jobs = self.jobs, []
         last_buffer = bucket.buffer()
+        if comp.overlap and not comp.decode_in_callback:   # decode every bucket now, in order
+            for j in jobs:
+                j._complete()
+            for j in jobs:
+                j.future.wait()              # re-raises a bucket's error (the step is not ended)
+            comp._end_step()
+            done = torch.futures.Future()
+            done.set_result(last_buffer)
+            return done
 
         def end_step(fut):
             for f in fut.value():
@@ -121,11 +135,16 @@ class BucketPipeline:
             return last_buffer
         return torch.futures.collect_all([j.future for j in jobs]).then(end_step)
 
+    def _watch(self, job, ex) -> None:
+        comp = self.comp
+        if not comp.overlap or comp.decode_in_callback:
+            job.watch(ex)
+
     def _watch_issued(self) -> None:
         still = []
         for ex in self.pending:
             if ex.issued:
-                self.owner.pop(id(ex)).watch(ex)
+                self._watch(self.owner.pop(id(ex)), ex)
             else:
                 still.append(ex)
         self.pending = still

@@ -7,7 +7,8 @@ compressor exchanges v (layers batched: one collective per phase per call), the 
 its buffers and returns the sum over ranks the step uses (divided by P for ``reduction="mean"``).
 
 The DDP hook overlaps with backward (:mod:`heddle.compress.ddp_hook`): each bucket's exchange is
-issued asynchronously when DDP hands the bucket over and decoded in the collective's callback.
+issued asynchronously when DDP hands the bucket over and decoded at the last bucket (or in the
+collective's callback with ``decode_in_callback=True``).
 DDP calls the hook for buckets in index order on every rank, and collectives are issued only
 from the hook (never from a callback), so every rank issues the same collectives in the same
 order whatever the timing (torch's PowerSGD hook issues its second phase from a callback and
@@ -67,12 +68,13 @@ class GradientCompression:
     ``start_iter`` (default 10): steps sent uncompressed first (>= 2 under DDP: it rebuilds its
     buckets after the first iterations); a run shorter than that is never compressed.
     ``reduction``: "mean" (torch's comm-hook convention) or "sum". ``overlap``: the DDP hook
-    issues each bucket asynchronously (default) or blocks per bucket.
+    issues each bucket asynchronously (default) or blocks per bucket. ``decode_in_callback``:
+    decode each bucket in its collective's callback instead of all at the last bucket.
     """
 
     def __init__(self, compressor: Compressor, *, feedback=None, adaptive: LGreCo | None = None,
                  group=None, start_iter: int = 10, reduction: str = "mean", seed: int = 0,
-                 overlap: bool = True):
+                 overlap: bool = True, decode_in_callback: bool = False):
         if not isinstance(compressor, Compressor):
             raise TypeError(f"compressor={compressor!r} must be a heddle.compress Compressor")
         if not isinstance(start_iter, int) or isinstance(start_iter, bool) or start_iter < 0:
@@ -86,6 +88,7 @@ class GradientCompression:
         self.compressor, self.feedback = compressor, feedback or NoFeedback()
         self.adaptive, self.group, self.start_iter = adaptive, group, start_iter
         self.reduction, self.seed, self.overlap = reduction, seed, bool(overlap)
+        self.decode_in_callback = bool(decode_in_callback)
         self.step = 0
         self.state: dict[str, dict[str, torch.Tensor]] = {}   # per layer: e, h, H, q
         self.choices: dict[str, Any] = {}                      # L-GreCo: key -> parameter

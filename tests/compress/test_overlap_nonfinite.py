@@ -43,7 +43,7 @@ OVERLAP_CONFIGS = [("topk", "ef"), ("quantize", "lgreco"), ("powersgd", "ef21")]
 STEPS, POISON = 6, 3
 
 
-def _ddp_run(rank, name, fb, overlap, poison_rank=None):
+def _ddp_run(rank, name, fb, overlap, poison_rank=None, decode_in_callback=False):
     """7 DDP steps of an 8-layer MLP in 1 KB buckets; step POISON gets a NaN on ``poison_rank``
     in one layer and is skipped (zero grads, discard) as the Trainer's skip policy does."""
     import torch.nn as nn
@@ -53,7 +53,8 @@ def _ddp_run(rank, name, fb, overlap, poison_rank=None):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(20, 20), nn.Tanh()) for _ in range(8)], nn.Linear(20, 3))
     ddp = DDP(model, bucket_cap_mb=0.001)
-    comp = _make(name, fb, start_iter=2, reduction="sum", overlap=overlap).bind(model)
+    comp = _make(name, fb, start_iter=2, reduction="sum", overlap=overlap,
+                 decode_in_callback=decode_in_callback).bind(model)
     ddp.register_comm_hook(comp, comp.hook)
     buckets = []
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -92,8 +93,9 @@ def _overlap_worker(rank, world):
     res = {}
     for name, fb in OVERLAP_CONFIGS:
         res[f"{name}-{fb}"] = {"overlap": _ddp_run(rank, name, fb, True),
-                               "blocking": _ddp_run(rank, name, fb, False)}
-    res["poisoned"] = _ddp_run(rank, "topk", "econtrol", True, poison_rank=1)
+                               "blocking": _ddp_run(rank, name, fb, False),
+                               "callback": _ddp_run(rank, name, fb, True, decode_in_callback=True)}
+    res["poisoned"] = _ddp_run(rank, "topk", "econtrol", True, poison_rank=1, decode_in_callback=True)
     res["clean"] = _ddp_run(rank, "topk", "econtrol", True)
     before, after = res["poisoned"].pop("before"), res["poisoned"].pop("after")
     res["poisoned"]["same_state"] = before is not None and _same_state(before, after)
@@ -105,8 +107,10 @@ def test_overlapped_hook_bit_identical_fixed_order_and_nan_skip_world3():
     res = run_distributed(_overlap_worker, 3, timeout=300)
     for key, _ in [(f"{n}-{f}", None) for n, f in OVERLAP_CONFIGS]:
         for r in res:
-            ov, bl = r[key]["overlap"], r[key]["blocking"]
+            ov, bl, cb = r[key]["overlap"], r[key]["blocking"], r[key]["callback"]
             assert np.array_equal(ov["params"], bl["params"]), key        # bit for bit
+            assert np.array_equal(cb["params"], bl["params"]), key        # decode in the callback too
+            assert cb["records"] == ov["records"], key
             # the same collectives (PowerSGD's phases interleave across buckets when overlapped)
             assert [sorted(s) for s in ov["records"]] == [sorted(s) for s in bl["records"]], key
         compressed = res[0][key]["overlap"]["collectives_per_step"][-1]
