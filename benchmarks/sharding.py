@@ -21,7 +21,7 @@ from heddle.bench.script import script_setup
 LOSS_RTOL = 1e-4   # fp32: reduction order differs between the four (sum vs mean, buckets, shards)
 COLUMNS = [("label", "implementation"), ("params", "params"), ("state_mb", "state MB/rank"),
            ("params_mb", "params MB"), ("grads_mb", "grads MB"), ("optimizer_mb", "optim MB"),
-           ("other_mb", "other MB"), ("state_vs_first", "state vs DDP"), ("peak_rss_mb", "peak RSS MB"),
+           ("other_mb", "other MB"), ("state_vs_first", "state vs DDP"), ("peak_rss_over_start_mb", "RSS growth MB"),
            ("tokens_per_s", "tokens/s"), ("step_time_s", "step s"), ("comm_mb_per_step", "MB sent/step"),
            ("loss_last", "last loss"), ("max_loss_rel_diff", "max loss rel diff vs DDP")]
 

@@ -16,16 +16,22 @@ notes/sharding.md). What each row measures:
   flat buffers), read after the backward of a step (gradients present); max over ranks.
   Not visible from Python, so not counted: DDP's C++ gradient buckets (which makes DDP look
   smaller, not FSDP2).
-- ``peak_rss_mb``: the process's peak resident set during the case (``VmHWM``, reset through
-  /proc/self/clear_refs before each case, after freeing the previous one); max over ranks.
-- ``tokens_per_s``: global tokens per step / median step time over ``--trials`` timed steps
-  (after ``--warmup``).
+- ``peak_rss_over_start_mb``: how far the process's resident set rose while the case was built
+  and ran its warm-up and measuring steps (``VmHWM``, reset through /proc/self/clear_refs at the
+  case's start, minus the RSS then); ``peak_rss_mb`` is that peak itself, which includes the
+  cases built before it (they stay alive for the timed part); max over ranks.
+- ``tokens_per_s``: global tokens per step / median step time over ``--trials`` timed steps,
+  taken after every case ran ``--warmup`` steps, interleaved one step of each case per round so
+  that load from other processes reaches all four alike.
+- the same gradient clipping for all four: ``--max-grad-norm`` (default 1.0, DeepSpeed's own
+  default ``gradient_clipping``; heddle's Trainer gets ``max_grad_norm``), so they train alike.
 - ``comm_mb_per_step``: bytes rank 0 sent in one untimed step, from heddle's CommLedger. FSDP2
   and DeepSpeed call ``torch.distributed`` directly; while this scenario runs, a tap routes
   those collectives (all-reduce, reduce, broadcast, all-gather, reduce-scatter, all-to-all)
   through heddle.dist's wrappers so the ledger prices them exactly as heddle's own calls.
   heddle's own calls are not routed twice.
-- ``losses_json``: the global mean loss of every step; ``max_loss_rel_diff`` against the first case.
+- ``losses_json``: the global mean loss of every step (warm-up, measuring, timed);
+  ``max_loss_rel_diff`` against the first case.
 """
 
 from __future__ import annotations
@@ -227,6 +233,8 @@ class Sharding(Scenario):
         parser.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
         parser.add_argument("--lr", type=float, default=1e-3)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                            help="gradient clipping for all four (1.0 is DeepSpeed's default; 0: none)")
 
     def _impls(self, options) -> list[str]:
         impls = [s.strip() for s in options.impls.split(",") if s.strip()]
@@ -242,23 +250,35 @@ class Sharding(Scenario):
         cfg = GPTConfig(d_model=options.d_model, n_layers=options.layers, n_heads=options.heads,
                         max_seq_len=options.seq_len)
         corpus = ByteCorpus.stdlib(max_bytes=1 << 20)
+        tokens = options.batch_size * options.seq_len
+        cases: list[dict] = []
+        try:
+            with TorchCollectiveTap():
+                # 1. one case after the other: warm-up steps, then an untimed measuring step (bytes on
+                #    the wire, state held, peak RSS growth); every runner stays alive for part 2
+                for impl in impls:
+                    cases.append(self._setup_case(ctx, options, cfg, corpus, impl))
+                # 2. the timed steps, interleaved (one step of each case per round): load from other
+                #    processes on the machine reaches every case alike
+                for _ in range(options.trials):
+                    for case in cases:
+                        x, y = case["sampler"].next()
+                        box = {}
+                        case["times"].append(ctx.timed(lambda: box.update(loss=case["runner"].step(x, y))))
+                        case["losses"].append(case["runner"].global_loss(box["loss"]))
+        finally:
+            for case in cases:
+                case["runner"].close()
         rows = []
-        with TorchCollectiveTap():
-            for impl in impls:
-                _release_memory()
-                ctx.barrier()
-                start_rss = _rss_mb("VmRSS")
-                peak_ok = _reset_peak_rss()
-                row = self._case(ctx, options, cfg, corpus, impl)
-                peak = torch.tensor([_rss_mb("VmHWM"), _rss_mb("VmHWM") - start_rss], dtype=torch.float64)
-                if ctx.world_size > 1:
-                    hd.all_reduce(peak, op=hd.ReduceOp.MAX, group=ctx.group)
-                row.update(peak_rss_mb=float(peak[0]), peak_rss_over_start_mb=float(peak[1]),
-                           peak_rss_kind="VmHWM reset per case" if peak_ok else "VmHWM since process start")
-                rows.append(row)
-                ctx.log(f"sharding {impl}: state {row['state_mb']:.1f} MB/rank, peak RSS {row['peak_rss_mb']:.0f} MB, "
-                        f"{row['tokens_per_s']:,.0f} tokens/s, {row['comm_mb_per_step']:.1f} MB sent/step, "
-                        f"loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}")
+        for case in cases:
+            row, losses = case["row"], case["losses"]
+            stats = summarize(case["times"])
+            row.update(tokens_per_s=tokens / stats["median_s"], step_time_s=stats["median_s"], **stats,
+                       losses_json=json.dumps(losses), loss_first=losses[0], loss_last=losses[-1])
+            rows.append(row)
+            ctx.log(f"sharding {row['impl']}: state {row['state_mb']:.1f} MB/rank, peak RSS growth "
+                    f"{row['peak_rss_over_start_mb']:.0f} MB, {row['tokens_per_s']:,.0f} tokens/s, "
+                    f"{row['comm_mb_per_step']:.1f} MB sent/step, loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}")
         base = rows[0]
         base_losses = json.loads(base["losses_json"])
         for r in rows:
@@ -268,54 +288,57 @@ class Sharding(Scenario):
             r["max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses, base_losses))
         return rows
 
-    def _case(self, ctx: BenchContext, options, cfg: GPTConfig, corpus: ByteCorpus, impl: str) -> dict:
+    def _setup_case(self, ctx: BenchContext, options, cfg: GPTConfig, corpus: ByteCorpus, impl: str) -> dict:
+        _release_memory()
+        ctx.barrier()
+        start_rss = _rss_mb("VmRSS")
+        peak_ok = _reset_peak_rss()
         torch.manual_seed(options.seed)
         model = GPT(cfg)
         num_params = sum(p.numel() for p in model.parameters())
         sampler = WindowSampler(corpus.train, options.seq_len, options.batch_size, seed=options.seed,
                                 dp_rank=ctx.rank, dp_size=ctx.world_size)
         runner = (_HeddleRunner if impl in ("ddp", "fsdp") else _DeepSpeedRunner)(ctx, options, model, impl)
-        losses, times = [], []
+        case = {"runner": runner, "sampler": sampler, "losses": [], "times": []}
         try:
-            for i in range(options.warmup + options.trials):
+            for _ in range(options.warmup):
                 x, y = sampler.next()
-                box = {}
-                elapsed = ctx.timed(lambda: box.update(loss=runner.step(x, y)))
-                losses.append(runner.global_loss(box["loss"]))
-                if i >= options.warmup:
-                    times.append(elapsed)
-            x, y = sampler.next()     # one more step, untimed: bytes on the wire and the state held
+                case["losses"].append(runner.global_loss(runner.step(x, y)))
+            x, y = sampler.next()     # untimed: bytes on the wire and the state held after backward
             with hd.CommLedger() as ledger:
                 runner.forward_backward(x, y)
                 held = runner.held_bytes()
                 loss = runner.finish_step()
-            losses.append(runner.global_loss(loss))
-        finally:
+            case["losses"].append(runner.global_loss(loss))
+        except BaseException:
             runner.close()
-        held_t = torch.tensor([held[k] for k in ("params", "grads", "optimizer", "other", "total")], dtype=torch.float64)
+            raise
+        measured = [held[k] for k in ("params", "grads", "optimizer", "other", "total")]
+        measured += [_rss_mb("VmHWM"), _rss_mb("VmHWM") - start_rss]
+        held_t = torch.tensor(measured, dtype=torch.float64)
         if ctx.world_size > 1:
             hd.all_reduce(held_t, op=hd.ReduceOp.MAX, group=ctx.group)
-        stats = summarize(times)
-        tokens = options.batch_size * options.seq_len
         ops: dict = {}
         for r in ledger.records:
             ops.setdefault(r.op, {"calls": 0, "bytes_sent": 0})
             ops[r.op]["calls"] += 1
             ops[r.op]["bytes_sent"] += r.bytes_sent
-        return {"impl": impl, "label": runner.label, "params": num_params, "d_model": cfg.d_model,
-                "layers": cfg.n_layers, "seq_len": options.seq_len, "global_batch": options.batch_size,
-                "state_mb": float(held_t[4]) / MB, "params_mb": float(held_t[0]) / MB,
-                "grads_mb": float(held_t[1]) / MB, "optimizer_mb": float(held_t[2]) / MB,
-                "other_mb": float(held_t[3]) / MB, "tokens_per_s": tokens / stats["median_s"],
-                "step_time_s": stats["median_s"], "comm_mb_per_step": ledger.bytes_sent() / MB,
-                "comm_ops_json": json.dumps(ops, sort_keys=True), "losses_json": json.dumps(losses),
-                "loss_first": losses[0], "loss_last": losses[-1], **stats}
+        case["row"] = {
+            "impl": impl, "label": runner.label, "params": num_params, "d_model": cfg.d_model,
+            "layers": cfg.n_layers, "seq_len": options.seq_len, "global_batch": options.batch_size,
+            "max_grad_norm": options.max_grad_norm,
+            "state_mb": float(held_t[4]) / MB, "params_mb": float(held_t[0]) / MB, "grads_mb": float(held_t[1]) / MB,
+            "optimizer_mb": float(held_t[2]) / MB, "other_mb": float(held_t[3]) / MB,
+            "peak_rss_mb": float(held_t[5]), "peak_rss_over_start_mb": float(held_t[6]),
+            "peak_rss_kind": "VmHWM reset at the case's start" if peak_ok else "VmHWM since process start",
+            "comm_mb_per_step": ledger.bytes_sent() / MB, "comm_ops_json": json.dumps(ops, sort_keys=True)}
+        return case
 
 
 class _HeddleRunner:
     def __init__(self, ctx: BenchContext, options, model, impl: str):
         self.ctx, self.label = ctx, f"heddle {impl.upper() if impl == 'ddp' else 'FSDP2'}"
-        config = heddle.TrainerConfig(data_parallel=impl, progress=False)
+        config = heddle.TrainerConfig(data_parallel=impl, progress=False, max_grad_norm=options.max_grad_norm or None)
         lr = options.lr
         self.trainer = heddle.Trainer(model, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
                                       config=config, group=ctx.group)
@@ -358,6 +381,7 @@ class _DeepSpeedRunner:
                   "gradient_accumulation_steps": 1,
                   "optimizer": {"type": "AdamW", "params": {"lr": options.lr, "betas": [0.9, 0.999], "eps": 1e-8,
                                                             "weight_decay": 0.0, "torch_adam": True}},
+                  "gradient_clipping": options.max_grad_norm,      # its default, 1.0, unless told
                   "zero_optimization": {"stage": self.stage}, "steps_per_print": 2**31 - 1}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=config)
