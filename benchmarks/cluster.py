@@ -520,6 +520,8 @@ def main(argv=None):
                 rows += json.load(f)
         print(markdown(rows))
         print("\n".join(goals(rows)))
+        if options.out:
+            _write_parquet(options, rows, "python benchmarks/cluster.py " + " ".join(argv or sys.argv[1:]))
         return 0
     rows = []
     for rate in options.rates.split(","):
@@ -538,15 +540,21 @@ def main(argv=None):
         with open(options.json, "w") as f:
             json.dump(rows, f, default=float, indent=1)
     if options.out:
-        from heddle.bench import results
-        run_id = results.new_run_id()
-        drop = ("curve", "calibration", "error")   # long blobs stay in the JSON
-        rows = [dict({k: v for k, v in r.items() if k not in drop}, run_id=run_id,
-                     command="python benchmarks/cluster.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                     world_size=2 * options.nproc_per_node, nnodes=2, hosts="node0,node1", devices="cpu",
-                     backend="gloo") for r in rows]
-        print(f"rows: {results.write_rows(options.out, 'cross-node', rows, run_id=run_id)}")
+        _write_parquet(options, rows, "python benchmarks/cluster.py " + " ".join(argv or sys.argv[1:]))
     return 0
+
+
+def _write_parquet(options, rows, command) -> None:
+    from heddle.bench import results
+    run_id = results.new_run_id()
+    drop = ("curve", "calibration", "error")   # long blobs stay in the JSON
+    out = []
+    for r in rows:
+        procs = 2 * int(r.get("procs_per_node", 1))
+        env = results.environment(hosts=["node0", "node1"] * (procs // 2), devices=["cpu"] * procs, backend="gloo",
+                                  world_size=procs, launcher="heddle cluster (torchrun)")
+        out.append(dict(env, **{k: v for k, v in r.items() if k not in drop}, run_id=run_id, command=command))
+    print(f"rows: {results.write_rows(options.out, 'cross-node', out, run_id=run_id)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,19 @@ TRAINING_COLUMNS = [("config", "config"), ("world_size", "procs"), ("global_batc
                     ("comm_mb_per_step", "comm MB/step"), ("checkpoint_stall_s", "ckpt stall (s)"),
                     ("peak_memory_mb", "peak mem (MB)"), ("mfu", "MFU"), ("final_loss", "loss")]
 
+# benchmarks/cluster.py (scenario "cross-node"): one table per part, every row naming its link.
+CROSS_NODE_COLUMNS = [("link_rate", "tbf rate"), ("measured_ceiling_gbit", "link busbw (Gbit/s)"),
+                      ("procs_per_node", "procs/node"), ("config", "config"), ("seed", "seed"),
+                      ("busbw_gbit", "busbw (Gbit/s)"), ("steps_per_s", "steps/s"), ("speedup_vs_fp32", "x fp32"),
+                      ("backward_sync_s", "bwd+sync (s)"), ("vs_ddp", "/ plain DDP"),
+                      ("bytes_sent_per_step", "bytes/step"), ("val_loss", "val loss"),
+                      ("val_in_spread", "in fp32 spread"), ("sp_layout", "SP group"), ("s", "seq"),
+                      ("median_s", "median (s)"), ("vs_ep", "EP / this"), ("lambda", "lambda"),
+                      ("overhead_s", "overhead (s)"), ("overhead_vs_ds", "overhead / DeepSpeed"),
+                      ("predicted_s", "predicted (s)"), ("measured_s", "measured (s)"),
+                      ("prediction_error", "pred error"), ("speedup_vs_static", "static / this"),
+                      ("ledger_MB", "ledger MB"), ("wire_MB", "link MB"), ("wire_over_ledger", "link / ledger"),
+                      ("load_avg_start", "load avg")]
 
 # Scenario parts whose numbers come from a cost model, not from a run (what they predict for).
 PREDICTED = {
@@ -101,6 +114,8 @@ def _columns_for(scenario: str, rows: list[dict]) -> list[tuple[str, str]]:
         return [(k, h) for k, h in COLLECTIVE_COLUMNS if k in present]
     if scenario == "training":
         return [(k, h) for k, h in TRAINING_COLUMNS if k in present]
+    if scenario == "cross-node":
+        return [(k, h) for k, h in CROSS_NODE_COLUMNS if k in present]
     cols = []
     for r in rows:
         for k in r:
