@@ -81,7 +81,7 @@ class Cluster:
         self.shm_size = shm_size
         self.python = python or sys.executable
         self._remove_shared = shared_dir is None
-        self.shared_dir = shared_dir or tempfile.mkdtemp(prefix=f"heddle-cluster-{self.tag}-", dir="/var/tmp")
+        self.shared_dir = shared_dir   # made in start(), after the prerequisites are checked
         self.names = netns.names(self.tag, nodes)
         self.addresses: list[str] = self.names["addresses"]
         self.init_pids: list[int | None] = [None] * nodes
@@ -100,6 +100,8 @@ class Cluster:
 
     def start(self) -> None:
         netns.check_prerequisites()
+        if self.shared_dir is None:
+            self.shared_dir = tempfile.mkdtemp(prefix=f"heddle-cluster-{self.tag}-", dir="/var/tmp")
         os.makedirs(self.shared_dir, exist_ok=True)
         self._save_state()
         # the reaper tears everything down if this process dies without close() (SIGKILL included)
