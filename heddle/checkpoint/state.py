@@ -43,10 +43,23 @@ RNG_KEY = "__rng__"
 
 
 def is_dtensor(t) -> bool:
+    if type(t) in _PLAIN:
+        return False
     # no import here: a DTensor can only exist once torch.distributed.tensor was imported (the
     # import costs ~0.5 s of CPU, too much for the first save() of a run that has none)
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, getattr(module, "DTensor", ()))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 @dataclass
@@ -146,14 +159,15 @@ def flatten(state: dict, *, replicated=(), rank: int = 0) -> FlatState:
         per_rank_set = {(key,) + r for r in rel}
         per_rank_paths.extend(sorted(per_rank_set, key=str))
 
-        def on_tensor(t, path):
-            label = "/".join(str(p) for p in path)
-            flag = is_sharded(t) or any(path[:n] in per_rank_set for n in range(1, len(path) + 1))
+        def on_tensor(t, path, per_rank_set=per_rank_set):
+            label = "/".join(map(str, path))
+            flag = is_sharded(t) or bool(per_rank_set) and any(path[:n] in per_rank_set
+                                                               for n in range(1, len(path) + 1))
             if is_dtensor(t):
                 return _dtensor_leaf(t, label, tensors, entries, flag)
             t = t.detach()
             tensors.append(t)
-            entries.append(TensorEntry(label, str(t.dtype).removeprefix("torch."), tuple(t.shape), 0,
+            entries.append(TensorEntry(label, dtype_name(t.dtype), tuple(t.shape), 0,
                                        t.numel() * t.element_size(), per_rank=flag))
             return {codec.TAG: "tensor", "i": len(entries) - 1}
 
