@@ -129,7 +129,9 @@ class Checkpointer:
                                 removed[:10])
             except (OSError, RuntimeError) as e:
                 error = e
-        self._finalizer = weakref.finalize(self, unlock_directory, self._lock_fd)
+        self._jobs: queue.Queue = queue.Queue()
+        # a Checkpointer dropped without close() releases its directory (and its writer) when collected
+        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._jobs)
         self._agree(error, "could not take the checkpoint directory")
         self.run_id = self._broadcast_run_id(run)
         slot_path = None
@@ -163,10 +165,10 @@ class Checkpointer:
         self._protected_step = -1
         self._stale_cleaned = False
         self._writer_error: BaseException | None = None
-        self._jobs: queue.Queue = queue.Queue()
         self._pending_flush: list[Snapshot] = []
         self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._writer_loop, name="heddle-ckpt-writer", daemon=True)
+        self._writer = threading.Thread(target=_writer_main, args=(weakref.ref(self), self._jobs),
+                                        name="heddle-ckpt-writer", daemon=True)
         self._writer.start()
         self._hooked: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
@@ -386,30 +388,26 @@ class Checkpointer:
         self.engine.before_allocate = None
 
     # -- background writer -----------------------------------------------------------------
-    def _writer_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            kind, arg = job
-            try:
-                if kind == "flush":
-                    self._flush(arg)
-                elif kind == "commit":
-                    steps, world = arg
-                    for step in steps:
-                        try:
-                            write_manifest(self.directory, step, world)
-                            self.committed_step = max(self.committed_step, step)
-                        except FileNotFoundError:   # flush="latest": some rank skipped this step
-                            log.debug("checkpoint: step %s not on every rank, not committed", step)
-                    deleted = apply_retention(self.directory, self.keep, self.run_id)
-                    if deleted:
-                        log.debug("checkpoint: retention removed steps %s", deleted)
-            except BaseException as e:  # noqa: BLE001 - surfaced at the next poll/wait
-                self._writer_error = e
-            finally:
-                self._jobs.task_done()
+    def _run_job(self, job) -> None:
+        kind, arg = job
+        try:
+            if kind == "flush":
+                self._flush(arg)
+            elif kind == "commit":
+                steps, world = arg
+                for step in steps:
+                    try:
+                        write_manifest(self.directory, step, world)
+                        self.committed_step = max(self.committed_step, step)
+                    except FileNotFoundError:   # flush="latest": some rank skipped this step
+                        log.debug("checkpoint: step %s not on every rank, not committed", step)
+                deleted = apply_retention(self.directory, self.keep, self.run_id)
+                if deleted:
+                    log.debug("checkpoint: retention removed steps %s", deleted)
+        except BaseException as e:  # noqa: BLE001 - surfaced at the next poll/wait
+            self._writer_error = e
+        finally:
+            self._jobs.task_done()
 
     def _flush(self, snap: Snapshot) -> None:
         snap.indexed.wait()
@@ -564,6 +562,24 @@ class Checkpointer:
                     return
             if self.keeper is None:
                 self.engine.close()
+
+
+def _writer_main(ref, jobs: queue.Queue) -> None:
+    """The writer thread: holds its Checkpointer only while running a job."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        ckpt = ref()
+        if ckpt is None:
+            return
+        ckpt._run_job(job)
+        del ckpt
+
+
+def _release(lock_fd, jobs: queue.Queue) -> None:
+    unlock_directory(lock_fd)
+    jobs.put(None)
 
 
 def _lazy_wait_hook(ref):

@@ -484,7 +484,7 @@ def clean_directory(directory: str) -> list[str]:
 
 
 # -- one job per directory ------------------------------------------------------------------------
-def lock_directory(directory: str, run_id: str) -> int:
+def lock_directory(directory: str, run_id: str, *, _retried: bool = False) -> int:
     """Take ``<directory>/.heddle-lock`` (flock, released when the process dies). Returns the fd;
     raises :class:`DirectoryLocked` naming the holder when another process has it."""
     path = os.path.join(directory, LOCK_FILE)
@@ -499,6 +499,10 @@ def lock_directory(directory: str, run_id: str) -> int:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
         finally:
             os.close(fd)
+        if f'"pid": {os.getpid()},' in holder and not _retried:
+            import gc
+            gc.collect()    # a Checkpointer of this process dropped without close() releases it when collected
+            return lock_directory(directory, run_id, _retried=True)
         raise DirectoryLocked(f"checkpoint directory {directory} is in use by another live job or Checkpointer "
                               f"({holder}); two jobs must not share a checkpoint directory: stop the other one, "
                               f"close() the other Checkpointer, or use another directory") from None

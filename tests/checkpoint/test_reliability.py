@@ -169,7 +169,11 @@ def test_second_job_on_a_directory_fails_at_once(tmp_path):
     finally:
         child.kill()
         child.wait()
-    Checkpointer(d, levels=("disk",)).close()         # the lock died with its process
+    ck = Checkpointer(d, levels=("disk",))            # the lock died with its process
+    with pytest.raises(DirectoryLocked):               # a second live Checkpointer in this process too
+        Checkpointer(d, levels=("disk",))
+    del ck                                             # dropped without close(): released when collected
+    Checkpointer(d, levels=("disk",)).close()
 
 
 def test_all_corrupt_is_an_error_unless_asked_to_start_fresh(tmp_path):
