@@ -207,7 +207,7 @@ class Watchdog:
         # Tell the peers (best effort: a stopped store host must not keep this rank alive).
         publisher = threading.Thread(target=self._try_publish, daemon=True)
         publisher.start()
-        publisher.join(timeout=self.period)
+        publisher.join(timeout=min(self.period, 0.2))
         if self.on_stall is not None:
             self._stop.set()
             self.on_stall(message)
