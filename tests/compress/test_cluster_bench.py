@@ -29,14 +29,17 @@ def test_cross_node_benchmark_parts_run_tiny_on_2x1(tmp_path):
         pytest.fail(f"the cluster benchmark needs root and iproute2: {e}")
     bench = _bench()
     out = tmp_path / "rows.json"
-    rc = bench.main(["--rates", "200mbit", "--parts", "link,compression,fsdp,moe,ulysses,adaptive", "--tiny",
+    rc = bench.main(["--rates", "200mbit", "--parts", "link,hook,compression,fsdp,moe,ulysses,adaptive", "--tiny",
                      "--steps", "8", "--seeds", "2", "--json", str(out), "--out", str(tmp_path / "parquet"),
                      "--timeout", "600"])
     assert rc == 0
     import json
     rows = json.loads(out.read_text())
     parts = {r["part"] for r in rows}
-    assert parts == {"link", "compression", "fsdp", "moe", "ulysses", "adaptive"}, parts
+    assert parts == {"link", "hook", "compression", "fsdp", "moe", "ulysses", "adaptive"}, parts
+    hook = {r["config"]: r for r in rows if r["part"] == "hook"}
+    assert set(hook) == {name for name, _, _ in bench.HOOK_CASES} and hook["ddp fp32"]["vs_ddp"] == 1.0
+    assert all(r["backward_sync_s"] > 0 for r in hook.values())
     for r in rows:
         assert r["link_rate"] == "200mbit" and r["nodes"] == 2 and r["measured"] is True
         assert "error" not in r, r
