@@ -67,7 +67,7 @@ def _fsdp_worker(rank, world):
     comps = {"topk-ef": GradientCompression(TopK(0.3), feedback=ErrorFeedback(), start_iter=1),
              "quantize-econtrol": GradientCompression(Quantize(4, 16), feedback=EControl(0.1), start_iter=1)}
     for key, comp in comps.items():
-        params, losses, _ = _train(rank, world, comp, steps=8)
+        params, losses, _ = _train(rank, world, comp, steps=6)
         out[key] = {"params": params, "losses": losses, "bpe": comp.stats["bits_per_element"],
                     "keys": sorted(k for k in comp.state if "e" in comp.state[k])}
     if world == 2:   # NaN on rank 0 in a compressed step: discarded, the run goes on as if clean
