@@ -80,7 +80,9 @@ def _strategies_agree(rank, world, name):
         logits, grads = out[key]
         worst["logits"] = max(worst["logits"], float((logits - out["ref"][0]).abs().max()))
         dense = [n for n in grads if ".experts.experts." not in n]
-        worst["dense"] = max(worst["dense"], max(float((grads[n] - out["ref"][1][n]).abs().max()) for n in dense))
+        hf_name = {n: n.replace(".mlp.experts.router.", ".mlp.gate.") for n in dense}  # the kept HF router
+        worst["dense"] = max(worst["dense"], max(float((grads[n] - out["ref"][1][hf_name[n]]).abs().max())
+                                                 for n in dense))
         layers = [m for m in (fssdp if key == "fssdp" else ep).modules() if isinstance(m, MoE)]
         for i, layer in enumerate(layers):
             prefix = f"model.layers.{i}.mlp.experts."
