@@ -301,7 +301,11 @@ def _restore_check(directory: str, levels: tuple) -> tuple[int | None, bool, str
 
 def _resume_after_disk_full(trial: Trial) -> None:
     """The operator frees the disk; a resume restores and must save and commit again."""
-    os.unlink(os.path.join(os.path.dirname(trial.directory), "filler"))
+    filler = os.path.join(os.path.dirname(trial.directory), "filler")
+    if not os.path.exists(filler):     # the trainer ended before the save that fills the disk
+        trial.notes.append("the disk was never filled")
+        return
+    os.unlink(filler)
     state = {"a": torch.empty(1_500_000), "b": torch.empty(300_000, dtype=torch.float64), "meta": {}}
     try:
         ck = Checkpointer(trial.directory, levels=("disk",), keep=2)
