@@ -30,6 +30,10 @@ notes/sharding.md). What each row measures:
   those collectives (all-reduce, reduce, broadcast, all-gather, reduce-scatter, all-to-all)
   through heddle.dist's wrappers so the ledger prices them exactly as heddle's own calls.
   heddle's own calls are not routed twice.
+- DeepSpeed runs with its defaults except the batch sizes, AdamW and clipping: ZeRO-3 keeps
+  tensors under ``stage3_param_persistence_threshold`` (1e5 elements) gathered and, within
+  ``stage3_max_live_parameters``, reuses forward's gathered parameters in backward (one
+  all-gather per step where FSDP2, resharding after forward, does two).
 - ``losses_json``: the global mean loss of every step (warm-up, measuring, timed);
   ``max_loss_rel_diff`` against the first case.
 """
