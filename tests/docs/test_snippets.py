@@ -22,6 +22,8 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[^\n]*\n(?P<code>.*?)^(?P=inden
 OPT_OUT = re.compile(r"^# not run by the docs test: (?P<why>\S.*)$")
 PROCESSES = re.compile(r"^# heddle run -n (?P<n>\d+) \S+\.py")
 TIMEOUT_S = 240
+# pages whose snippets a dedicated test already runs (more strictly): not run twice
+COVERED_ELSEWHERE = {"trainer.md": "tests/trainer/test_docs_snippet.py"}
 
 
 def snippets(pages=PAGES):
@@ -52,12 +54,18 @@ def run_snippet(code: str, workdir: Path, *, timeout: float = TIMEOUT_S) -> subp
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-ALL = snippets()
+ALL = [s for s in snippets() if s[0].name not in COVERED_ELSEWHERE]
+
+
+def test_pages_covered_elsewhere_have_their_test():
+    for page, test in COVERED_ELSEWHERE.items():
+        assert (ROOT / "docs" / page).exists() and (ROOT / test).exists(), (page, test)
+        assert page in (ROOT / test).read_text()
 
 
 def test_there_are_snippets_and_opt_outs_say_why():
     assert len(ALL) >= 8
-    for page, line, code in ALL:
+    for page, line, code in snippets():
         first = code.lstrip().splitlines()[0] if code.strip() else ""
         if first.startswith("# not run by the docs test"):
             assert OPT_OUT.match(first), f"{page.name}:{line}: an opt-out must say why: {first!r}"
