@@ -46,7 +46,6 @@ import inspect
 import json
 import sys
 import threading
-import time
 
 import torch
 import torch.distributed as dist
