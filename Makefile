@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.heddle-installed
 NPROC  ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench docs gpu-check install clean fault-campaign
+.PHONY: demo test bench docs gpu-check install clean fault-campaign bench-cluster
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ fault-campaign: $(STAMP)
 cluster-campaign: $(STAMP)
 	$(PY) -m heddle.cluster.bootstrap_check
 	$(PY) -m heddle.cluster.campaign
+
+# Cross-node benchmarks on the emulated cluster (needs root + iproute2; long): link ceiling, compression
+# under DDP/FSDP2, the DDP hook, MoE, Ulysses, adaptive SP at 1/10/25 Gbit/s; tables in docs/compress.md.
+bench-cluster: $(STAMP)
+	$(PY) benchmarks/cluster.py --json bench-cluster.json --out heddle-results
 
 # Every CUDA path on one GPU (Triton kernels vs torch bit for bit, Ulysses with flash/SDPA, the
 # checkpoint's pinned side-stream snapshot, the bf16 Trainer step and MFU): a pass/fail + timing
