@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from heddle.config import load_config
+from heddle.loggers import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.*"))
@@ -64,7 +65,9 @@ def test_config_trains(config, runs):
     with open(out / config.stem / "metrics" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    assert all(float(r["loss"]) > 0 for r in rows)
+    assert list(rows[0])[:len(COLUMNS)] == list(COLUMNS)  # the documented columns, in order
+    assert all(float(r["loss"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
     cfg = load_config(config)
     if cfg.checkpoint is not None:
         assert any((out / config.stem / cfg.checkpoint.directory).iterdir())
+        assert all(r["checkpoint_stall_s"] != "" for r in rows)
