@@ -173,6 +173,11 @@ class Watchdog:
             return None
         if stuck:
             parts.append(f"blocked in {inside[0]} (collective #{inside[1]}) for {now - inside[2]:.1f} s")
+            # Already firing: a peer silent for a few periods (healthy ones beat every period) is
+            # the one to name, even before it is silent for the whole limit.
+            quiet = max(3 * self.period, 1.0)
+            stale += [r for r in self.peers if r not in stale and self._peer(r) is not None
+                      and self._peer(r)["state"] == "run" and self._store_ok - self._seen[r][1] > quiet]
         for r in stale:
             parts.append(f"rank {r} stalled: no heartbeat for {self._store_ok - self._seen[r][1]:.1f} s "
                          f"(stopped, hung in native code, or dead); {self._describe(r, self._peer(r))}")
