@@ -1,7 +1,6 @@
 """The collective watchdog: names the rank that stalled and ends the job within the timeout."""
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -71,14 +70,6 @@ def test_bad_timeout():
     for bad in (0, -1.0, True, "3"):
         with pytest.raises(ValueError, match="timeout_s="):
             Watchdog(bad)
-
-
-def _pid_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def test_sigstop_ends_the_job_within_the_timeout_and_names_the_rank():
