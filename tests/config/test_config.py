@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
-
 import pytest
 
 import heddle
@@ -105,15 +102,15 @@ def test_overrides_flat_and_nested(tmp_path):
     assert load_config(path, overrides={"moe": None}).moe is None
 
 
-def test_heddle_config_command(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "heddle.launch.cli", "config", "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout
-    assert load_config(json.loads(out)) == heddle.TrainerConfig()
+def test_heddle_config_command(tmp_path, capsys):
+    from heddle.launch.cli import main as heddle_main
+
+    assert heddle_main(["config", "--format", "json"]) == 0  # registered in the heddle command
+    assert load_config(json.loads(capsys.readouterr().out)) == heddle.TrainerConfig()
     path = tmp_path / "bad.yaml"
     path.write_text("moe:\n  num_expert: 4\n")
-    run = subprocess.run([sys.executable, "-m", "heddle.launch.cli", "config", "--check", str(path)],
-                         capture_output=True, text=True)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
+    assert heddle_main(["config", "--check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
         "heddle config: unknown key 'num_expert' in section 'moe'; valid keys: "
         + ", ".join(f.name for f in dataclasses.fields(section_configs()["moe"]))]
