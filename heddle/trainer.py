@@ -22,7 +22,8 @@ update is the gradient of the global token mean whatever the data / sequence / e
 a mean and weighted equally per rank and micro-batch, as plain DDP does.
 
 Non-finite values: every rank ORs (loss not finite, its gradients not finite, any
-``plugin.local_nonfinite``) into a flag carried by the step's one [loss, tokens] all-reduce; a
+``plugin.local_nonfinite``) into a flag carried by the step's one [loss, tokens] all-reduce (as
++inf / NaN in the loss sum: no extra bytes); a
 flagged step is skipped on every rank alike (``on_nonfinite="skip"``: no parameter, optimizer,
 scheduler or plugin state changes; counted in ``metrics["skipped_steps"]``) or raises
 ``FloatingPointError`` on every rank (``"raise"``). Under fp16, non-finite gradients with a finite
@@ -354,10 +355,13 @@ class Trainer:
             self._sum_gradients()
         clip = self.config.max_grad_norm
         loss_bad, grads_bad = self._local_nonfinite()
-        # One all-reduce for the step's loss, token count, the non-finite flags and (when clipping)
-        # the sharded gradients' squared norm, taken before the 1/tokens scaling and rescaled below.
-        parts = [self._loss_sum, float(self._tokens), float(loss_bad), float(grads_bad)]
-        totals = torch.tensor(parts, dtype=torch.float64)
+        # One all-reduce for the step's loss, token count and (when clipping) the sharded
+        # gradients' squared norm, taken before the 1/tokens scaling and rescaled below. The
+        # non-finite flag rides the loss: a rank whose gradients (or a section) saw a non-finite
+        # value sends +inf, one with a non-finite loss sends it (NaN), so the summed loss is
+        # finite iff every rank's step is, and NaN iff some loss was.
+        local_loss = self._loss_sum if loss_bad or not grads_bad else math.inf
+        totals = torch.tensor([local_loss, float(self._tokens)], dtype=torch.float64)
         if clip:
             totals = torch.cat([totals, self._sharded_sq().reshape(1)])
         if self.world_size > 1:
@@ -365,10 +369,11 @@ class Trainer:
         loss_total, tokens = float(totals[0]), float(totals[1])
         if tokens <= 0:
             raise ValueError("step(): the global batch has no tokens (num_tokens summed to 0)")
-        skip = bool(totals[2] > 0 or totals[3] > 0)
-        if skip and self.config.on_nonfinite == "raise" and (totals[2] > 0 or self.config.precision != "fp16"):
-            raise FloatingPointError(f"step {self.step_count + 1}: non-finite {'loss' if totals[2] > 0 else 'gradients'}"
-                                     f" on {int(totals[2] + totals[3])} rank report(s) (on_nonfinite='raise')")
+        skip = not math.isfinite(loss_total)
+        bad_loss = math.isnan(loss_total)
+        if skip and self.config.on_nonfinite == "raise" and (bad_loss or self.config.precision != "fp16"):
+            raise FloatingPointError(f"step {self.step_count + 1}: non-finite {'loss' if bad_loss else 'gradients'} "
+                                     f"on some rank (on_nonfinite='raise')")
         grad_norm = float("nan")
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
@@ -385,7 +390,7 @@ class Trainer:
             for g in self._grads():
                 _local(g).mul_(scale)
             if clip:
-                grad_norm = self.clip_grad_norm_(clip, sharded_sq=float(totals[4]) * scale * scale)
+                grad_norm = self.clip_grad_norm_(clip, sharded_sq=float(totals[2]) * scale * scale)
             for plugin in self.plugins:
                 plugin.before_optimizer_step(self)
             self.optimizer.step()
