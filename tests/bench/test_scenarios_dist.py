@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from heddle.bench import registry, results
 from heddle.bench.bandwidth import bus_factor
@@ -40,13 +41,30 @@ def _collectives(rank, world_size):
             continue
         case = ops[name][0](ctx, 256, collectives.DTYPES["float32"], opts)
         real = (hd.all_reduce, hd.all_to_all_single, hd.broadcast, hd.all_gather_into_tensor)
-        hd.all_reduce = hd.all_to_all_single = hd.broadcast = lambda *a, **k: None
-        hd.all_gather_into_tensor = lambda out, inp, **k: out.zero_()  # peers' payloads never arrive
+        hd.all_reduce = hd.all_to_all_single = hd.broadcast = lambda *a, **k: _no_op_work(k)
+        # peers' payloads never arrive
+        hd.all_gather_into_tensor = lambda out, inp, **k: (out.zero_(), _no_op_work(k))[1]
         try:
             broken[name] = case.check()
         finally:
             hd.all_reduce, hd.all_to_all_single, hd.broadcast, hd.all_gather_into_tensor = real
     return rows, broken
+
+
+class _DoneWork:
+    """What a broken collective returns for async_op=True: already complete, nothing moved."""
+
+    def wait(self) -> bool:
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        future = torch.futures.Future()
+        future.set_result(None)
+        return future
+
+
+def _no_op_work(kwargs: dict):
+    return _DoneWork() if kwargs.get("async_op") else None
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
