@@ -250,7 +250,8 @@ class MoE(nn.Module):
                 if out_grouped.shape[0] else out_grouped
             out_send = uneven_all_to_all(out_recv, recv_splits, send_splits, self.group)
         contribution = out_send * r.gate[send_index].unsqueeze(-1)
-        y = torch.zeros_like(tokens).index_add(0, r.token[send_index], contribution)
+        # The experts' dtype (bf16 under autocast), as a dense MLP under autocast would return.
+        y = torch.zeros_like(tokens, dtype=contribution.dtype).index_add(0, r.token[send_index], contribution)
         processed = plan.sum(axis=(0, 1))                             # tokens per rank [D]
         self.last_stats = {"dropped": float(r.dropped),
                            "tokens_processed": float(processed[me]),

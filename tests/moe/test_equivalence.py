@@ -128,7 +128,26 @@ def _distributed_run(rank, world, cfg, variant, ref):
     return {"owned": layer.owned_experts(), "replicas": replicas_seen}
 
 
+def _bf16_autocast(rank, world):
+    """Under bf16 autocast (the Trainer's DDP precision) both strategies run forward and backward
+    and track the fp32 layer; the output comes back in autocast's dtype, as a dense MLP's would."""
+    for strategy in ("ep", "fssdp"):
+        torch.manual_seed(SEED)
+        layer = MoE(D_MODEL, D_FFN, 4, top_k=2, strategy=strategy)
+        x = torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(rank))
+        y32, _ = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16, aux = layer(x)
+        assert y16.dtype == torch.bfloat16, (strategy, y16.dtype)
+        err = float((y16.float() - y32).abs().max() / y32.abs().max())
+        assert err < 5e-2, (strategy, err)
+        (y16.float().square().sum() + aux).backward()
+        assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in layer.parameters())
+
+
 def _all_cases(rank, world, refs):
+    if world > 1:
+        _bf16_autocast(rank, world)
     out = []
     for cfg, ref in zip(CONFIGS, refs):
         for variant in VARIANTS:
