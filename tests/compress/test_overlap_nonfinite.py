@@ -5,20 +5,10 @@ before it, so the run continues exactly as if the step had never happened)."""
 import numpy as np
 import torch
 
+from tests.compress.test_distributed import _make
 from tests.conftest import run_distributed
 
 NAN = float("nan")
-
-
-def _make(name, fb, **kw):
-    from heddle.compress import EF21, EControl, ErrorFeedback, GradientCompression, LGreCo
-    from heddle.compress import Identity, PowerSGD, Quantize, RandomK, TopK
-    comp = {"identity": Identity(), "topk": TopK(0.1), "randomk": RandomK(0.2), "quantize": Quantize(3, 16),
-            "powersgd": PowerSGD(2)}[name]
-    feedback = {None: None, "ef": ErrorFeedback(), "ef21": EF21(), "econtrol": EControl(0.1),
-                "lgreco": EControl(0.1)}[fb]
-    adaptive = LGreCo(retune_every=3, sample_steps=2) if fb == "lgreco" else None
-    return GradientCompression(comp, feedback=feedback, adaptive=adaptive, **kw)
 
 
 def _flat_state(comp):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-
+from tests.launch.test_local import PIDS_SCRIPT, _running
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "allreduce_script.py")
 BIN = os.path.dirname(sys.executable)
@@ -72,23 +72,6 @@ def test_heddle_env_and_help():
     assert proc.returncode == 2 and "unknown command 'nope'" in proc.stderr
 
 
-PIDS_SCRIPT = """
-import os, sys, time
-path = sys.argv[1] + "." + os.environ["RANK"]
-with open(path + ".tmp", "w") as f:
-    f.write(str(os.getpid()))
-os.replace(path + ".tmp", path)
-time.sleep(120)
-"""
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a killed orphan waits for init to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_sigkilled_heddle_run_takes_its_workers_along(tmp_path):
