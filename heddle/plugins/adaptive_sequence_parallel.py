@@ -122,24 +122,10 @@ class Plugin(TrainerPlugin):
         return self._micro_batches(trainer, plan, documents)
 
     def _micro_batches(self, trainer, plan, documents):
-        from heddle.sequence import local_position_ids, shard_sequence
-        from heddle.sequence.adaptive.executor import pack_documents
-
-        ex, rank, start = self.executor, trainer.rank, time.perf_counter()
-        for mb in plan.micro_batches:
-            mine = mb.group_of(rank)
-            if mine is None:
-                continue  # this rank idles through the micro-batch
-            ranks, idx = mine
-            sub = ex.pool.get(ranks[0], len(ranks))
-            ex.handle.set_group(sub)
-            for unit in ([idx] if ex.pack else [[k] for k in idx]):
-                inputs, targets, cu = pack_documents([documents[k] for k in unit])
-                x, shard = shard_sequence(inputs[None], sub, dim=1)
-                y, _ = shard_sequence(targets[None], sub, dim=1, pad_value=-100)
-                pos = local_position_ids(cu, shard.length, sub)[None]
-                yield {"tokens": x.to(trainer.device), "targets": y.to(trainer.device),
-                       "position_ids": pos.to(trainer.device), "cu_seqlens": cu.to(trainer.device)}
+        start = time.perf_counter()
+        for x, y, pos, cu in self.executor.local_shards(plan, documents):
+            yield {"tokens": x.to(trainer.device), "targets": y.to(trainer.device),
+                   "position_ids": pos.to(trainer.device), "cu_seqlens": cu.to(trainer.device)}
         self.last["compute_s"] = time.perf_counter() - start
 
     def metrics(self, trainer) -> dict[str, float]:

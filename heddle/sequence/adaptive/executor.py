@@ -90,6 +90,19 @@ class AdaptiveExecutor:
                              f"{plan.lengths[k] + 1} tokens (length + 1 for the shifted targets)")
         loss_total = torch.zeros((), dtype=torch.float64)
         tokens = 0
+        for x, y, pos, cu in self.local_shards(plan, documents):
+            logits = self.model(x, position_ids=pos, cu_seqlens=cu)
+            loss = self.loss_fn(logits, y)
+            loss.backward()
+            loss_total += loss.detach().double()
+            tokens += int((y != -100).sum())
+        return loss_total, tokens
+
+    def local_shards(self, plan: Plan, documents: list[torch.Tensor]):
+        """This rank's share of ``plan``, one forward unit at a time: switches the model's Ulysses
+        group to the unit's lane and yields (tokens [1, s/P], targets [1, s/P] padded with -100,
+        global position ids [1, s/P], cu_seqlens [docs + 1]). Ranks outside a micro-batch's
+        lanes skip it."""
         for mb in plan.micro_batches:
             mine = mb.group_of(self.rank)
             if mine is None:
@@ -102,12 +115,7 @@ class AdaptiveExecutor:
                 x, shard = shard_sequence(inputs[None], sub, dim=1)
                 y, _ = shard_sequence(targets[None], sub, dim=1, pad_value=-100)
                 pos = local_position_ids(cu, shard.length, sub)[None]
-                logits = self.model(x, position_ids=pos, cu_seqlens=cu)
-                loss = self.loss_fn(logits, y)
-                loss.backward()
-                loss_total += loss.detach().double()
-                tokens += int((y != -100).sum())
-        return loss_total, tokens
+                yield x, y, pos, cu
 
     def reduce_gradients(self) -> None:
         """SUM every parameter's gradient over all ranks of ``group`` (one flat all-reduce; ranks
