@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.heddle-installed
 NPROC  ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench docs gpu-check install clean fault-campaign bench-cluster
+.PHONY: demo test bench docs gpu-check install clean fault-campaign cluster-campaign bench-cluster
 
 install: $(STAMP)
 

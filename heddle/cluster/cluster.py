@@ -132,7 +132,12 @@ class Cluster:
 
     def _start_node(self, i: int) -> None:
         hosts = os.path.join(netns.STATE_ROOT, self.tag, "hosts")
-        argv = netns.node_init_argv(self.names["node_ns"][i], i, hosts, self.shm_size)
+        import heddle
+
+        # a checkout, venv or working directory under /tmp stays visible inside the node
+        keep = netns.paths_kept_under_tmp([sys.prefix, sys.executable, os.getcwd(), self.shared_dir,
+                                           os.path.dirname(os.path.dirname(os.path.abspath(heddle.__file__)))])
+        argv = netns.node_init_argv(self.names["node_ns"][i], i, hosts, self.shm_size, tuple(keep))
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 text=True, start_new_session=True, env={**os.environ, "HEDDLE_CLUSTER_TAG": self.tag})
         line = proc.stdout.readline().strip()

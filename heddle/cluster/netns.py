@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -149,11 +150,30 @@ def create_network(tag: str, num_nodes: int, rate: str | None, delay: str | None
     return n
 
 
-def node_init_argv(ns: str, node: int, hosts_file: str, shm_size: str = "50%") -> list[str]:
+def paths_kept_under_tmp(paths) -> list[str]:
+    """The top-level entries of /tmp that ``paths`` live in (a checkout or a venv under /tmp): a
+    node's private /tmp would hide them from its own processes, so each node binds them back."""
+    kept = set()
+    for path in paths:
+        parts = os.path.realpath(path).split(os.sep)
+        if len(parts) > 2 and parts[1] == "tmp" and parts[2]:
+            kept.add(os.path.join("/tmp", parts[2]))
+    return sorted(kept)
+
+
+def node_init_argv(ns: str, node: int, hosts_file: str, shm_size: str = "50%", keep: tuple[str, ...] = ()) -> list[str]:
     """The process that holds node ``node``'s mount and UTS namespaces: it mounts the private
-    tmpfs, names the host, prints "ready" and sleeps until killed."""
-    script = (f"mount -t tmpfs -o size={shm_size},mode=1777 heddle-shm /dev/shm && "
-              f"mount -t tmpfs -o mode=1777 heddle-tmp /tmp && "
+    tmpfs, names the host, prints "ready" and sleeps until killed.
+
+    keep: entries of the machine's /tmp (see :func:`paths_kept_under_tmp`) bound into the node's
+    private /tmp, reached through a bind of the old /tmp staged on the new /dev/shm and removed
+    again, so nothing else of the machine's /tmp is visible."""
+    binds = "".join(f"mkdir -p {q} && mount --bind /dev/shm/.heddle-host-tmp{q[len('/tmp'):]} {q} && "
+                    for q in map(shlex.quote, keep))
+    stage = ("mkdir /dev/shm/.heddle-host-tmp && mount --bind /tmp /dev/shm/.heddle-host-tmp && " if keep else "")
+    unstage = ("umount /dev/shm/.heddle-host-tmp && rmdir /dev/shm/.heddle-host-tmp && " if keep else "")
+    script = (f"mount -t tmpfs -o size={shm_size},mode=1777 heddle-shm /dev/shm && {stage}"
+              f"mount -t tmpfs -o mode=1777 heddle-tmp /tmp && {binds}{unstage}"
               f"mount --bind {hosts_file} /etc/hosts && hostname node{node} && "
               f"echo ready && exec sleep infinity")
     return ["ip", "netns", "exec", ns, "unshare", "--mount", "--uts", "--propagation", "private",
@@ -210,10 +230,13 @@ def kill_pids_of_netns(ns: str, *, keep=lambda pid: False, timeout: float = 10.0
     return sorted(stopped)
 
 
+WIPE_NODE_MEMORY = "find /dev/shm /tmp -xdev -mindepth 1 -delete 2>/dev/null; true"
+
+
 def wipe_node_memory(init_pid: int) -> None:
-    """Empty the node's /dev/shm and /tmp (as a power loss would)."""
-    sh("nsenter", "--target", str(init_pid), "--mount", "--", "sh", "-c",
-       "rm -rf /dev/shm/* /dev/shm/.[!.]* /tmp/* /tmp/.[!.]* 2>/dev/null; true", check=False)
+    """Empty the node's /dev/shm and /tmp (as a power loss would). ``-xdev``: never into what a
+    node binds back from the machine's /tmp (a checkout or venv, see :func:`node_init_argv`)."""
+    sh("nsenter", "--target", str(init_pid), "--mount", "--", "sh", "-c", WIPE_NODE_MEMORY, check=False)
 
 
 def destroy(tag: str) -> list[str]:
