@@ -23,6 +23,15 @@ from heddle.dist import is_sharded
 from heddle.plugins.base import TrainerPlugin
 
 
+def _ddp_rewrites_buffers(trainer) -> bool:
+    """DDP with broadcast_buffers copies rank 0's buffers into every rank's (rank 0's too) before
+    each forward; persistent buffers (MoE layouts, running stats) are checkpoint state."""
+    if trainer.ddp is None or not trainer.ddp.broadcast_buffers:
+        return False
+    return any(b is not None and name not in m._non_persistent_buffers_set
+               for m in trainer.module.modules() for name, b in m._buffers.items())
+
+
 @dataclass
 class Config:
     directory: str | None = None
@@ -80,6 +89,10 @@ class Plugin(TrainerPlugin):
         if trainer.step_count % self.config.every == 0:
             start = time.perf_counter()
             self.checkpointer.save(trainer.step_count, self.state(trainer), replicated=self.replicated(trainer))
+            if _ddp_rewrites_buffers(trainer):
+                # DDP broadcasts the buffers into place at the next forward, which would tear the
+                # lazy snapshot (TornSnapshot): copy them to host memory now; the disk write stays lazy
+                self.checkpointer.wait_for_snapshot()
             self.stall_s += time.perf_counter() - start
             self.saves += 1
 
