@@ -13,6 +13,15 @@ from heddle.checkpoint.storage import rank_file, step_dir
 from tests.conftest import run_distributed
 
 
+def lose_node(ck, directory, rank, *, steps, stop_keeper=True) -> None:
+    """What a lost node loses: its keeper (with the shared memory) and this rank's files of ``steps``."""
+    if stop_keeper:
+        shutdown_keeper(ck.shm_root)
+    for step in steps:
+        for suffix in ("bin", "idx"):
+            os.unlink(os.path.join(step_dir(directory, step), rank_file(rank, suffix)))
+
+
 def _state(rank, fill):
     """Replicated model + Adam state, and a per-rank tensor of a rank-dependent size."""
     torch.manual_seed(0)
@@ -44,10 +53,7 @@ def _redundancy_worker(rank, world, root, lost):
         ck.wait()
         ck.close()
         if rank == lost:   # this node loses its memory (keeper and shared memory) and its files
-            shutdown_keeper(ck.shm_root)
-            for step in (1, 2):
-                for suffix in ("bin", "idx"):
-                    os.unlink(os.path.join(step_dir(directory, step), rank_file(rank, suffix)))
+            lose_node(ck, directory, rank, steps=(1, 2))
         torch.distributed.barrier()
         ck2 = Checkpointer(directory, **opts)
         model2, opt2, own2 = _state(rank, fill=0)

@@ -681,13 +681,8 @@ def test_a_flipped_byte_anywhere_is_caught(arena):
                 f.write(data)
 
 
-def _relabel_manifest(sdir: str, old_step: int, new_step: int) -> None:
-    def walk(node):
-        if isinstance(node, dict):
-            return {k: (new_step if k == "step" and v == old_step else walk(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
+def _rewrite_manifests(sdir: str, walk) -> None:
+    """Rewrite every manifest of step dir ``sdir`` as ``walk(its JSON)`` (checksums left stale)."""
     for name in os.listdir(sdir):
         if _is_manifest(name):
             path = os.path.join(sdir, name)
@@ -695,6 +690,16 @@ def _relabel_manifest(sdir: str, old_step: int, new_step: int) -> None:
                 doc = json.loads(f.read())
             with open(path, "wb") as f:
                 f.write(json.dumps(walk(doc)).encode())
+
+
+def _relabel_manifest(sdir: str, old_step: int, new_step: int) -> None:
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (new_step if k == "step" and v == old_step else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    _rewrite_manifests(sdir, walk)
 
 
 def test_step_relabelled_is_refused(arena):
@@ -737,13 +742,7 @@ def _swap_ranks(directory: str, step: int) -> None:
         if isinstance(node, str):
             return rename.get(node, node)
         return node
-    for name in os.listdir(sdir):
-        if _is_manifest(name):
-            path = os.path.join(sdir, name)
-            with open(path, "rb") as f:
-                doc = json.loads(f.read())
-            with open(path, "wb") as f:
-                f.write(json.dumps(walk(doc)).encode())
+    _rewrite_manifests(sdir, walk)
 
 
 def _rank_swap_worker(rank, world_size, directory):

@@ -1,12 +1,11 @@
 """Parity across nodes with several ranks per node: a whole node (2 of 4 ranks) loses its memory
 and its files, and every rank is rebuilt from the XOR parity of its stripe (one rank per node)."""
 
-import os
 
 import torch
 
-from heddle.checkpoint import Checkpointer, shutdown_keeper
-from heddle.checkpoint.storage import rank_file, step_dir
+from heddle.checkpoint import Checkpointer
+from tests.checkpoint.test_distributed import lose_node
 from tests.conftest import run_distributed
 
 
@@ -23,11 +22,7 @@ def _worker(rank, world, directory, per_node, lost_node):
     ck.close()
     expected = own.clone()
     if rank // per_node == lost_node:       # the node loses its memory and its files
-        if rank % per_node == 0:
-            shutdown_keeper(ck.shm_root)
-        for step in (1, 2):
-            for suffix in ("bin", "idx"):
-                os.unlink(os.path.join(step_dir(directory, step), rank_file(rank, suffix)))
+        lose_node(ck, directory, rank, steps=(1, 2), stop_keeper=rank % per_node == 0)
     torch.distributed.barrier()
     ck2 = Checkpointer(directory, **opts)
     got = torch.zeros_like(own)
